@@ -1,0 +1,1 @@
+"""Data: datasets as uint8 arrays, batched augmentation and the batch sampler."""

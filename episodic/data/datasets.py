@@ -1,0 +1,226 @@
+"""Datasets as in-memory uint8 arrays, and the builders that load them from disk.
+
+Every builder returns :class:`Splits` (``train`` and ``test``), each an :class:`ArrayDataset`:
+``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]`` and ``classes`` (names). Labels are
+only used by evaluation; training sees images alone.
+
+Formats read here (the real on-disk formats, no download needed when the files are present):
+
+- ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, shipped with scikit-learn),
+  upsampled to ``image_size``; a fixed stratified 70/30 train/test split.
+- ``npz``: ``np.savez`` files with uint8 NHWC ``images``, int64 ``labels`` and ``classes``
+  (the format of ``shared/data``).
+- ``cifar10`` / ``cifar100``: the python-pickle batches (``cifar-10-batches-py``,
+  ``cifar-100-python``); ``download=true`` fetches them with torchvision first.
+- ``stl10``: the binary ``stl10_binary`` files (``train``/``test``/``unlabeled``).
+- ``imagefolder``: ``root/train/<class>/*.png|jpg`` and ``root/test/<class>/...``, resized.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from episodic.errors import EpisodicError, check
+from episodic.registry import Registry
+
+DATASETS: Registry = Registry("dataset", None)
+
+
+@dataclass
+class ArrayDataset:
+    """Images ``uint8 [N, C, H, W]`` with integer labels and class names."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, index: Tensor) -> "ArrayDataset":
+        return ArrayDataset(self.images[index], self.labels[index], self.classes)
+
+    def with_classes(self, keep: Sequence[int] | None) -> "ArrayDataset":
+        """The images whose label is in ``keep`` (all of them for ``None``); labels are kept as is."""
+        if keep is None:
+            return self
+        bad = [k for k in keep if not 0 <= int(k) < len(self.classes)]
+        check(not bad, f"class indices {bad} do not exist; this dataset has classes 0..{len(self.classes) - 1}")
+        mask = torch.isin(self.labels, torch.as_tensor(list(keep), dtype=torch.long))
+        return self.select(mask.nonzero().squeeze(1))
+
+    @staticmethod
+    def concat(parts: Sequence["ArrayDataset"]) -> "ArrayDataset":
+        return ArrayDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                            parts[0].classes)
+
+
+@dataclass
+class Splits:
+    train: ArrayDataset
+    test: ArrayDataset
+
+
+def from_nhwc(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ArrayDataset:
+    """Wrap NHWC (or NHW) uint8 numpy arrays as an :class:`ArrayDataset`."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    check(x.dtype == torch.uint8 and x.ndim == 4, f"images must be uint8 NHWC, got {x.dtype} {tuple(x.shape)}")
+    return ArrayDataset(x.permute(0, 3, 1, 2).contiguous(), torch.as_tensor(labels, dtype=torch.long),
+                        [str(c) for c in classes])
+
+
+def resize_uint8(images: Tensor, size: int | None) -> Tensor:
+    """Bilinear (antialiased) resize of uint8 ``[N, C, H, W]`` to ``size x size``."""
+    if size is None or images.shape[-2:] == (size, size):
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise EpisodicError(f"{what} not found at '{path}'; set data.root to the folder that holds it "
+                            f"(or data.download=true where the dataset supports it)")
+    return path
+
+
+@DATASETS.register("digits")
+def digits(image_size: int = 32, **_: Any) -> Splits:
+    """scikit-learn's digits: 1,797 8x8 images (0..16) -> uint8, upsampled; fixed 70/30 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    x = resize_uint8(x, image_size)
+    y = torch.from_numpy(d.target).long()
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.3, random_state=0, stratify=d.target)
+    names = [str(i) for i in range(10)]
+    full = ArrayDataset(x, y, names)
+    return Splits(full.select(torch.from_numpy(idx_train)), full.select(torch.from_numpy(idx_test)))
+
+
+def load_npz(path: str | Path) -> ArrayDataset:
+    """Read an ``.npz`` with uint8 NHWC ``images``, ``labels`` and ``classes``."""
+    p = _need(Path(path).expanduser(), "npz file")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = {"images", "labels", "classes"} - set(f.files)
+            check(not missing, f"{p} lacks arrays {sorted(missing)}; expected images, labels, classes")
+            return from_nhwc(f["images"], f["labels"], f["classes"])
+    except (OSError, ValueError) as e:
+        if isinstance(e, EpisodicError):
+            raise
+        raise EpisodicError(f"cannot read npz file '{p}': {e}") from None
+
+
+@DATASETS.register("npz")
+def npz(train: str, test: str, image_size: int | None = None, root: str | None = None, **_: Any) -> Splits:
+    """Two ``.npz`` files (paths relative to ``root`` if given)."""
+    base = Path(root).expanduser() if root else Path(".")
+    tr, te = load_npz(base / train), load_npz(base / test)
+    return Splits(ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, tr.classes),
+                  ArrayDataset(resize_uint8(te.images, image_size), te.labels, te.classes))
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    with open(_need(path, "CIFAR batch file"), "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    return d
+
+
+def _cifar(root: str, folder: str, train_files: list[str], test_files: list[str], meta: str, key: str,
+           names_key: str, download: bool, tv_class: str) -> Splits:
+    base = Path(root).expanduser()
+    if download and not (base / folder).exists():
+        import torchvision
+
+        getattr(torchvision.datasets, tv_class)(str(base), train=True, download=True)
+    base = _need(base / folder, f"{folder}/ folder")
+
+    def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [_unpickle(base / f) for f in files]
+        x = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return x, np.concatenate([np.asarray(p[key]) for p in parts])
+
+    names = _unpickle(base / meta)[names_key]
+    (xtr, ytr), (xte, yte) = read(train_files), read(test_files)
+    return Splits(from_nhwc(xtr, ytr, names), from_nhwc(xte, yte, names))
+
+
+@DATASETS.register("cifar10")
+def cifar10(root: str = "data", download: bool = False, **_: Any) -> Splits:
+    """CIFAR-10 from ``root/cifar-10-batches-py`` (50,000 / 10,000 images)."""
+    return _cifar(root, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                  "batches.meta", "labels", "label_names", download, "CIFAR10")
+
+
+@DATASETS.register("cifar100")
+def cifar100(root: str = "data", download: bool = False, **_: Any) -> Splits:
+    """CIFAR-100 (fine labels) from ``root/cifar-100-python``."""
+    return _cifar(root, "cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names",
+                  download, "CIFAR100")
+
+
+def read_stl10(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """STL-10 binary split -> (NHWC uint8 images, labels 0..9, or -1 for ``unlabeled``)."""
+    raw = np.fromfile(_need(base / f"{split}_X.bin", f"STL-10 {split}_X.bin"), dtype=np.uint8)
+    check(raw.size % (3 * 96 * 96) == 0, f"{base / f'{split}_X.bin'} is truncated (size {raw.size})")
+    x = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)  # stored column-major per channel
+    if split == "unlabeled":
+        return x, np.full(len(x), -1)
+    y = np.fromfile(_need(base / f"{split}_y.bin", f"STL-10 {split}_y.bin"), dtype=np.uint8).astype(np.int64) - 1
+    return x, y
+
+
+@DATASETS.register("stl10")
+def stl10(root: str = "data", download: bool = False, image_size: int | None = None,
+          unlabeled: bool = True, **_: Any) -> Splits:
+    """STL-10 from ``root/stl10_binary``; ``train`` = labeled train (+ the 100k unlabeled split)."""
+    base = Path(root).expanduser()
+    if download and not (base / "stl10_binary").exists():
+        import torchvision
+
+        torchvision.datasets.STL10(str(base), split="train+unlabeled", download=True)
+    base = _need(base / "stl10_binary", "stl10_binary/ folder")
+    names_file = base / "class_names.txt"
+    names = names_file.read_text().split() if names_file.exists() else [str(i) for i in range(10)]
+    xtr, ytr = read_stl10(base, "train")
+    if unlabeled:
+        xu, yu = read_stl10(base, "unlabeled")
+        xtr, ytr = np.concatenate([xtr, xu]), np.concatenate([ytr, yu])
+    xte, yte = read_stl10(base, "test")
+    tr, te = from_nhwc(xtr, ytr, names), from_nhwc(xte, yte, names)
+    return Splits(ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, names),
+                  ArrayDataset(resize_uint8(te.images, image_size), te.labels, names))
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(root: str, image_size: int = 32, channels: int = 3, **_: Any) -> Splits:
+    """``root/{train,test}/<class>/<image>`` read with torchvision's ImageFolder, resized to a square."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    def read(split: str) -> ArrayDataset:
+        folder = ImageFolder(str(_need(Path(root).expanduser() / split, f"image folder '{split}'")))
+        mode = "L" if channels == 1 else "RGB"
+        xs = [np.asarray(Image.open(p).convert(mode).resize((image_size, image_size), Image.BILINEAR))
+              for p, _ in folder.samples]
+        return from_nhwc(np.stack(xs), np.asarray(folder.targets), folder.classes)
+
+    return Splits(read("train"), read("test"))
+
+
+def build_dataset(name: str, **params: Any) -> Splits:
+    """Build a registered dataset, turning missing files into one clear error line."""
+    return DATASETS.get(name)(**params)

@@ -1,0 +1,34 @@
+"""Encoder pairings: how the encoder(s) embed an episode and which loss they train.
+
+A :class:`Method` owns the trainable encoder (and any predictor or momentum copy) and maps an
+episode of images plus a head to a :class:`~episodic.heads.base.HeadOutput`. ``simclr`` uses one
+encoder for support and query; MoCo- and BYOL-style pairings add momentum encoders and queues
+in their own modules. ``after_step`` runs once per optimizer step (momentum updates).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from episodic.heads.base import Head, HeadOutput
+from episodic.models import Encoder
+from episodic.registry import Registry
+from episodic.tasks.episode import Episode
+
+METHODS: Registry[type["Method"]] = Registry("method", "episodic.methods")
+
+
+class Method(nn.Module):
+    """Base pairing: ``forward(episode_of_images, head) -> HeadOutput``."""
+
+    def __init__(self, encoder: Encoder, **_: Any) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, episode: Episode, head: Head) -> HeadOutput:
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Hook after each optimizer step (momentum encoders update here)."""

@@ -1,0 +1,15 @@
+"""``simclr``: one encoder embeds support and query views in a single forward pass."""
+
+from __future__ import annotations
+
+from episodic.heads.base import Head, HeadOutput
+from episodic.methods.base import METHODS, Method
+from episodic.tasks.episode import Episode
+
+
+@METHODS.register("simclr")
+class SimCLR(Method):
+    """Support and query share the encoder; BatchNorm statistics cover every view."""
+
+    def forward(self, episode: Episode, head: Head) -> HeadOutput:
+        return head(episode.embed(self.encoder))

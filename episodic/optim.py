@@ -1,0 +1,93 @@
+"""Optimisers (SGD, Adam/AdamW, LARS) and the per-step warm-up + cosine learning-rate schedule.
+
+Parameter groups: weights are decayed; biases and normalisation parameters (every tensor with
+one dimension) get no weight decay and, with LARS, no trust-ratio adaptation.
+
+LARS (You et al., 2017, as used by SimCLR): for an adapted tensor ``w`` with gradient ``g``::
+
+    u = g + wd * w ;   u <- u * eta * ||w|| / ||u||   (when both norms are > 0) ;   SGD-momentum step on u
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from episodic.errors import EpisodicError
+
+
+class LARS(Optimizer):
+    """SGD with momentum and layer-wise trust ratio; groups with ``lars=False`` are plain SGD."""
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                u = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
+                if group["lars"]:
+                    wn, un = p.norm(), u.norm()
+                    ratio = torch.where((wn > 0) & (un > 0), group["eta"] * wn / un, torch.ones_like(wn))
+                    u.mul_(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = u
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(u)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: >1-D weights (decayed, LARS-adapted) and 1-D biases/norm parameters (neither)."""
+    decay, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else plain).append(p)
+    return [dict(params=decay, weight_decay=weight_decay),
+            dict(params=plain, weight_decay=0.0, lars=False)]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                    **extra: Any) -> Optimizer:
+    """``name`` in sgd | adam | adamw | lars."""
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        for g in groups:
+            g.pop("lars", None)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=extra.get("nesterov", False))
+    if name in ("adam", "adamw"):
+        for g in groups:
+            g.pop("lars", None)
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=lr, betas=tuple(extra.get("betas", (0.9, 0.999))))
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, eta=extra.get("eta", 0.001))
+    raise EpisodicError(f"unknown optimizer {name!r}; allowed: sgd, adam, adamw, lars")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, final_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up from ``1/(warmup+1)`` to 1, then cosine decay to ``final_ratio``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_scheduler(opt: Optimizer, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0,
+                    schedule: str = "cosine") -> LambdaLR:
+    """Per-step schedule: ``cosine`` (with warm-up) or ``constant`` (with warm-up)."""
+    if schedule == "constant":
+        return LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+    if schedule != "cosine":
+        raise EpisodicError(f"unknown optim.schedule {schedule!r}; allowed: cosine, constant")
+    return LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup_steps, final_ratio))

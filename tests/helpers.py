@@ -1,0 +1,26 @@
+"""Test helpers: compose the real Hydra config with small overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from episodic.cli import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["backbone.params.width=16", "backbone.projector.hidden_dim=32", "backbone.projector.out_dim=16",
+        "batch_size=32", "train.steps=3", "train.progress=false", "eval.fewshot.episodes=20", "device=cpu"]
+
+
+def make_cfg(*overrides: str, config: str = "train") -> DictConfig:
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(config, overrides=list(overrides))
+
+
+def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)

@@ -1,0 +1,52 @@
+"""The view sampler: which view of which image lands where, and its errors."""
+
+import pytest
+import torch
+
+from episodic.errors import EpisodicError
+from episodic.tasks import ViewSampler
+
+
+def test_layout_one_episode() -> None:
+    b, v = 4, 3
+    # encode (view, image) in the value so positions can be read back
+    views = torch.tensor([[10 * vi + i for i in range(b)] for vi in range(v)]).float().unsqueeze(-1)
+    ep = ViewSampler(n_supp=2, n_query=1)(views)
+    assert (ep.n_way, ep.n_supp, ep.n_query, ep.n_episodes) == (4, 2, 1, 1)
+    assert ep.support.squeeze(-1).tolist() == [[0, 1, 2, 3, 10, 11, 12, 13]]
+    assert ep.query.squeeze(-1).tolist() == [[20, 21, 22, 23]]
+    assert ep.support_labels.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    assert ep.query_labels.tolist() == [[0, 1, 2, 3]]
+
+
+def test_n_way_splits_batch_into_episodes() -> None:
+    views = torch.arange(2 * 6).float().view(2, 6, 1)  # view 0: 0..5, view 1: 6..11
+    ep = ViewSampler(1, 1, n_way=3)(views)
+    assert ep.n_episodes == 2 and ep.n_way == 3
+    assert ep.support.squeeze(-1).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert ep.query.squeeze(-1).tolist() == [[6, 7, 8], [9, 10, 11]]
+    assert ep.query_labels.tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_images_keep_their_shape() -> None:
+    views = torch.randn(3, 8, 1, 5, 5)
+    ep = ViewSampler(1, 2, n_way=4)(views)
+    assert ep.support.shape == (2, 4, 1, 5, 5) and ep.query.shape == (2, 8, 1, 5, 5)
+    assert torch.equal(ep.query[1, 4], views[2, 4])  # episode 1, query view 2 of its image 0 = image 4
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(n_supp=0), "n_supp=0"), (dict(n_query=-1), "n_query=-1"), (dict(n_way=1), "n_way=1")])
+def test_bad_arguments(kwargs: dict, words: str) -> None:
+    with pytest.raises(EpisodicError, match=words):
+        ViewSampler(**kwargs)
+
+
+def test_n_way_must_divide_batch() -> None:
+    with pytest.raises(EpisodicError, match="n_way=3 does not divide the batch of 8"):
+        ViewSampler(1, 1, n_way=3)(torch.randn(2, 8, 4))
+
+
+def test_view_count_must_match() -> None:
+    with pytest.raises(EpisodicError, match="got 3 views"):
+        ViewSampler(1, 1)(torch.randn(3, 8, 4))

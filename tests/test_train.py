@@ -1,0 +1,50 @@
+"""The training entry point: end-to-end tiny runs and one-line errors with exit code 2."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY, make_cfg, run_cli
+
+from episodic.train import train
+
+
+@pytest.mark.parametrize("head", ["contrastive", "protonet", "r2d2"])
+@pytest.mark.parametrize("shots", [(1, 1), (2, 3)])
+def test_tiny_run_writes_results(tmp_path: Path, head: str, shots: tuple[int, int]) -> None:
+    cfg = make_cfg(f"head={head}", f"n_supp={shots[0]}", f"n_query={shots[1]}", *TINY)
+    res = train(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert 0 <= saved["linear"]["trained"] <= 100 and 0 <= saved["linear"]["random_init"] <= 100
+    for key in ["5way1shot", "5way5shot"]:
+        r = saved["fewshot"][key]
+        assert set(r) == {"trained", "random_init"} and set(r["trained"]) == {"mean", "ci95"}
+        assert 20.0 <= r["random_init"]["mean"] <= 100.0 and r["trained"]["ci95"] > 0
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    hist = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert hist[-1]["step"] == 3 and hist[-1]["images_per_s"] > 0
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_n_way_episodes_run(tmp_path: Path) -> None:
+    cfg = make_cfg("head=r2d2", "n_way=8", *TINY)
+    train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["head=r2d3"], "error: unknown head 'r2d3'; allowed: "),
+    (["backbone=vgg"], "error: unknown backbone 'vgg'; allowed: "),
+    (["data=mnist"], "error: unknown data 'mnist'; allowed: "),
+    (["n_supp=0"], "error: n_supp=0 is not allowed; use an integer >= 1"),
+    (["batch_size=30", "n_way=8"], "error: n_way=8 does not divide the batch of 30 images"),
+    (["data=cifar10", "data.params.root=/nonexistent"], "error: cifar-10-batches-py/ folder not found at '/nonexistent/"),
+    (["n_quey=1"], "error: Could not override 'n_quey'"),
+])
+def test_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:
+    p = run_cli("episodic.train", *args, "train.steps=1", "train.progress=false")
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), p.stderr
+    assert "Traceback" not in p.stderr
