@@ -9,7 +9,7 @@ KKT conditions (OptNet). With ``z = vec(alpha)`` row-major (``z[i * k + c] = alp
     A = kron(I_n, 1_k^T)          b = 0
 
 This is a reference: exact up to the interior-point tolerance, but with ``nk`` dense variables its
-cost grows like ``(n k)^3`` per iteration (``n = k = 64``: 4096 variables, tens of seconds). It runs
+cost grows like ``(n k)^3`` per iteration (``n = k = 64``: 4096 variables, about a minute). It runs
 in float64 and casts back; gradients reach the embeddings through ``K = X X^T`` inside ``Q``. qpth is
 imported on first use, so ``import episodic`` never needs it.
 """

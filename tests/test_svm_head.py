@@ -1,0 +1,202 @@
+"""SVM head: the three QP backends against each other, KKT conditions, gradcheck, bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from episodic.errors import EpisodicError
+from episodic.heads import HEADS
+from episodic.heads.svm import SVMHead
+from episodic.solvers import kkt_residual, project_rows
+from episodic.solvers.fast import FastSolver
+from episodic.tasks import ViewSampler
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # cvxpylayers
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "head" / "svm.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # qpth's many tiny batched products crawl when two OpenMP threads share busy cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_task(n_way: int, n_supp: int, d: int, episodes: int = 2,
+                n_query: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 support [E, n_way * n_supp, d], labels [E, n_way * n_supp], query [E, n_way * n_query, d]."""
+    support = torch.randn(episodes, n_way * n_supp, d, dtype=torch.float64)
+    query = torch.randn(episodes, n_way * n_query, d, dtype=torch.float64)
+    labels = torch.arange(n_way).repeat(n_supp).expand(episodes, -1)
+    return support, labels, query
+
+
+def logits_and_grads(head: SVMHead, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor,
+                     n_way: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits and the gradients of ``sum(logits * weights)`` w.r.t. support and query."""
+    s = support.clone().requires_grad_()
+    q = query.clone().requires_grad_()
+    logits = head.scores(s, labels, q, n_way)
+    (logits * weights).sum().backward()
+    return logits.detach(), s.grad, q.grad
+
+
+def kkt_violation(alpha: torch.Tensor, support: torch.Tensor, onehot: torch.Tensor, C: float) -> float:
+    """Largest violation of the KKT conditions, from the multipliers (independent of the solvers)."""
+    upper = C * onehot
+    grad = support @ (support.transpose(1, 2) @ alpha) + alpha - onehot
+    free = alpha < upper - 1e-9
+    # stationarity on free entries: grad + nu_i = 0, so nu_i is minus their mean gradient
+    nu = -(torch.where(free, grad, 0).sum(-1, keepdim=True) / free.sum(-1, keepdim=True))
+    stationarity = torch.where(free, grad + nu, 0).abs().max()
+    multiplier = (-(grad + nu)).clamp_max(0).abs().where(~free, 0).max()  # mu = -(grad + nu) >= 0
+    feasibility = max((alpha - upper).clamp_min(0).max(), alpha.sum(-1).abs().max())
+    return float(max(stationarity, multiplier, feasibility))
+
+
+@pytest.mark.parametrize("n_way,n_supp,d", [(5, 1, 16), (5, 5, 16), (16, 1, 32)])
+def test_backends_agree_on_logits_and_gradients(n_way: int, n_supp: int, d: int) -> None:
+    support, labels, query = random_task(n_way, n_supp, d)
+    weights = torch.randn(2, 2 * n_way, n_way, dtype=torch.float64)
+    results = {
+        backend: logits_and_grads(HEADS.build("svm", backend=backend), support, labels, query, n_way, weights)
+        for backend in ("fast", "qpth", "cvxpylayers")
+    }
+    ref_logits, ref_gs, ref_gq = results["cvxpylayers"]
+    assert ref_logits.abs().max() > 1e-2  # a non-trivial classifier
+    for backend in ("fast", "qpth"):
+        logits, gs, gq = results[backend]
+        assert (logits - ref_logits).abs().max() <= 1e-4, backend
+        assert (gs - ref_gs).norm() <= 1e-3 * ref_gs.norm(), backend
+        assert (gq - ref_gq).norm() <= 1e-3 * ref_gq.norm(), backend
+    # the training path: float32 embeddings through the fast backend
+    logits32 = HEADS.build("svm").scores(support.float(), labels, query.float(), n_way)
+    assert logits32.dtype == torch.float32
+    assert (logits32.double() - ref_logits).abs().max() <= 1e-4
+
+
+def test_gradcheck_fast_backend() -> None:
+    support, labels, _ = random_task(3, 2, 4, episodes=2)
+    solver = FastSolver(C=0.1, tol=1e-13, warm_start=False)
+    support.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: solver(x, labels, 3), (support,),
+                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_head_through_queries_and_scale() -> None:
+    support, labels, query = random_task(3, 1, 4, episodes=1, n_query=1)
+    head = SVMHead(C=0.5, tol=1e-13, warm_start=False, normalize=True).double()
+    support.requires_grad_()
+    query.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, q: head.scores(s, labels, q, 3), (support, query),
+                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_fast_satisfies_kkt_at_64_way(collapsed: bool) -> None:
+    support, labels, _ = random_task(64, 1, 32, episodes=2)
+    shared = torch.randn(1, 1, 32, dtype=torch.float64)  # a common direction: K ~ 11^T, L ~ n
+    support = F.normalize(support + (5.0 if collapsed else 0.0) * shared, dim=-1)
+    onehot = F.one_hot(labels, 64).double()
+    solver = FastSolver(C=0.1, tol=1e-10)
+    alpha = solver(support, labels, 64)
+    assert kkt_violation(alpha, support, onehot, 0.1) < 1e-8
+    assert float(kkt_residual(alpha, support, onehot, 0.1).max()) <= 1e-10
+    # the positives sit at the cap and a few hard negatives carry the rest: not a trivial solution
+    assert 0 < (alpha < -1e-9).sum(-1).float().mean() < 63
+
+
+def test_warm_start_is_faster_and_gives_the_same_solution() -> None:
+    support, labels, _ = random_task(32, 1, 16, episodes=1)
+    support = F.normalize(support, dim=-1)
+    nearby = F.normalize(support + 0.01 * torch.randn_like(support), dim=-1)
+    warm = FastSolver(tol=1e-9)
+    cold = FastSolver(tol=1e-9, warm_start=False)
+    warm(support, labels, 32)
+    a_warm = warm(nearby, labels, 32)
+    a_cold = cold(nearby, labels, 32)
+    assert warm.last_iters < cold.last_iters
+    assert (a_warm - a_cold).abs().max() < 1e-7
+
+
+def test_projection_matches_sort_based_formula() -> None:
+    v = torch.randn(50, 7, dtype=torch.float64) * torch.logspace(-3, 1, 50, dtype=torch.float64)[:, None]
+    labels = torch.randint(0, 7, (50,))
+    C = 0.3
+    upper = C * F.one_hot(labels, 7).double()
+    got = project_rows(v, upper, C)
+    # simplex projection of w = upper - v by sorting (Held et al.), then back to alpha
+    w = upper - v
+    s = w.sort(-1, descending=True).values
+    cs = s.cumsum(-1) - C
+    rho = (s * torch.arange(1, 8) > cs).sum(-1, keepdim=True)
+    theta = cs.gather(-1, rho - 1) / rho
+    expected = upper - (w - theta).clamp_min(0)
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert (got <= upper).all() and got.sum(-1).abs().max() < 1e-12
+
+
+def test_config_builds_the_head_and_forward_trains_the_scale() -> None:
+    cfg = OmegaConf.load(CONFIG)
+    head = HEADS.build(cfg.name, **cfg.params)
+    assert isinstance(head, SVMHead) and head.solver.C == 0.1 and head.backend == "fast"
+    z = torch.randn(2, 8, 16)  # 2 views (support, query) of 8 images
+    out = head(ViewSampler(1, 1, 4)(z))
+    assert out.logits.shape == (2, 4, 4) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert head.scale.log_scale.grad is not None and head.scale.log_scale.grad != 0
+
+
+@pytest.mark.parametrize("C", [0.0, -1.0, float("nan")])
+def test_bad_C_is_rejected(C: float) -> None:
+    with pytest.raises(EpisodicError, match=r"head.params.C=.* is not allowed.*> 0"):
+        SVMHead(C=C)
+
+
+def test_unknown_backend_lists_the_allowed_ones() -> None:
+    allowed = "unknown QP backend 'qptj'.*did you mean 'qpth'.*cvxpylayers, fast, qpth"
+    with pytest.raises(EpisodicError, match=allowed):
+        SVMHead(backend="qptj")
+
+
+@pytest.mark.parametrize("backend,module", [("qpth", "qpth"), ("cvxpylayers", "cvxpylayers")])
+def test_missing_backend_package_says_how_to_fix(monkeypatch: pytest.MonkeyPatch, backend: str,
+                                                 module: str) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    message = f"backend={backend} needs .*'{module}'.*pip install {module}.*backend=fast"
+    with pytest.raises(EpisodicError, match=message):
+        SVMHead(backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["fast", "qpth"])
+def test_non_convergence_names_size_backend_and_fix(backend: str) -> None:
+    support, labels, query = random_task(16, 1, 8)
+    head = SVMHead(backend=backend, max_iter=2)
+    message = rf"did not converge on 2 episodes of 16-way x 1-shot .*backend={backend}.*max_iter \(now 2\)"
+    with pytest.raises(EpisodicError, match=message):
+        head.scores(support, labels, query, 16)
+
+
+def test_nan_embeddings_raise_instead_of_nan_logits() -> None:
+    support, labels, query = random_task(5, 1, 8)
+    support[0, 3, 2] = float("nan")
+    with pytest.raises(EpisodicError, match="non-finite .* 5-way x 1-shot .*lower the learning rate"):
+        SVMHead().scores(support, labels, query, 5)
+
+
+def test_importing_the_backends_does_not_import_qpth_or_cvxpy() -> None:
+    import subprocess
+
+    code = ("import sys, episodic.heads.svm, episodic.solvers as s; s.SOLVERS.names(); "
+            "print(any(m in sys.modules for m in ('qpth', 'cvxpy', 'cvxpylayers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
