@@ -7,31 +7,54 @@ and of a randomly initialised one of the same architecture.
 
 Randomness: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and every
 augmentation draw comes from the trainer's own generator, so a run is reproducible from its seed.
+
+Scale and survival (docs/distributed.md): under ``torchrun`` (or SLURM via submitit) every process
+takes its slice of the same global batch, the model is wrapped in DistributedDataParallel and
+episodes span processes per ``task.scope`` (:mod:`episodic.tasks.scope`); only rank 0 logs and
+writes. ``precision`` (bf16/fp16 autocast + GradScaler on CUDA), ``channels_last`` and
+``optim.accu_iter`` (gradient accumulation over micro-batches) shape the step. Checkpoints hold
+every piece of state (model with its buffers, optimizer, scheduler, scaler, data position, all RNG
+streams of every rank), the newest ``train.keep_last`` are kept, and ``resume=auto|PATH`` continues
+a run exactly. A non-finite loss stops the run naming the last good checkpoint (or skips the step,
+``train.skip_nonfinite``); SIGTERM/SIGINT checkpoint and return cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import random
+import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from episodic import checkpoint
+from episodic import checkpoint, distributed
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
 from episodic.data.datasets import ArrayDataset, Splits, build_dataset
+from episodic.data.loader import BatchLoader
 from episodic.errors import EpisodicError, check
 from episodic.heads.base import HEADS, Head, HeadOutput
+from episodic.heads.histograms import log_scores
+from episodic.heads.variants import attach_variants
 from episodic.methods import METHODS, Method
 from episodic.models import build_encoder
 from episodic.optim import build_optimizer, build_scheduler
+from episodic.tasks.augment import AuxBatch, TaskContext, TaskPipeline, build_task_pipeline
 from episodic.tasks.episode import ViewSampler
+from episodic.tasks.scope import ScopedHead, ScopePlan, plan_scope
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,14 +84,23 @@ def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> It
 
 
 class EpisodicModel(nn.Module):
-    """Everything that trains: the method (encoders) and the head, behind one ``forward``."""
+    """Everything that trains: the method (encoders), the head and the task augmentations' auxiliary
+    modules (e.g. the rotation classifier), behind one ``forward`` that returns the whole loss."""
 
-    def __init__(self, method: Method, head: Head) -> None:
+    def __init__(self, method: Method, head: Head, task: TaskPipeline | None = None) -> None:
         super().__init__()
         self.method, self.head = method, head
+        self.task = task if task is not None else TaskPipeline()
+        # set by the trainer; episodes spanning processes wrap the head in a ScopedHead (tasks/scope.py)
+        self.scope: ScopePlan | None = None
+        self.last_query_labels: Tensor | None = None  # labels of the queries the last forward scored
 
-    def forward(self, episode: Any) -> HeadOutput:
-        return self.method(episode, self.head)
+    def forward(self, episode: Any, aux: list[AuxBatch] | tuple = ()) -> HeadOutput:
+        head = ScopedHead(self.head, self.scope) if self.scope is not None and self.scope.spans else self.head
+        out = self.method(episode, head)
+        self.last_query_labels = head.query_labels if isinstance(head, ScopedHead) else episode.query_labels
+        extra = self.task.aux_loss(self.method.encoder, aux) if aux else None
+        return out if extra is None else HeadOutput(out.loss + extra, out.logits, out.extras)
 
 
 def _params(node: Any) -> dict[str, Any]:
@@ -82,12 +114,130 @@ def build_model(cfg: DictConfig) -> EpisodicModel:
                             _params(cfg.backbone.get("projector")))
     method = METHODS.build(cfg.method.name, encoder=encoder, **_params(cfg.method.get("params")))
     head = HEADS.build(cfg.head.name, **_params(cfg.head.get("params")))
-    return EpisodicModel(method, head)
+    attach_variants(head, _params(cfg.get("variant")), method, encoder.projector.out_dim)  # heads/variants
+    aug = _params(cfg.data.get("augment"))
+    ctx = TaskContext(embed_dim=encoder.projector.out_dim, mean=aug.get("mean"), std=aug.get("std"))
+    return EpisodicModel(method, head, build_task_pipeline(_params(cfg.get("task")), ctx))
 
 
 def ssl_split(data: Splits, cfg: DictConfig) -> ArrayDataset:
     """The unlabeled training images: the train split restricted to ``data.ssl_classes``."""
     return data.train.with_classes(cfg.data.get("ssl_classes"))
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "fp32": None, "bf16": torch.bfloat16,
+                                              "fp16": torch.float16}
+
+
+def resolve_precision(value: Any, device: torch.device) -> torch.dtype | None:
+    """``precision`` -> the autocast dtype (``None``: float32). Mixed precision needs CUDA; on CPU the
+    run trains in float32 and says so."""
+    key = str(value).lower()
+    check(key in PRECISIONS, f"precision={value!r} is not allowed; use 32, bf16 or fp16")
+    dtype = PRECISIONS[key]
+    if dtype is None:
+        return None
+    if device.type != "cuda":
+        log.warning("precision=%s needs a CUDA device; training in float32 on %s", key, device)
+        return None
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise EpisodicError(f"precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                            f"use fp16")
+    return dtype
+
+
+def use_channels_last(model: nn.Module) -> None:
+    """NHWC memory format for 4-D weights, and for the input of every backbone (a forward pre-hook)."""
+    from episodic.models.backbones import Backbone
+
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            m.register_forward_pre_hook(
+                lambda _m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+                if args and isinstance(args[0], Tensor) and args[0].dim() == 4 else args)
+
+
+class _NullWriter:
+    """Stands in for the TensorBoard writer on ranks > 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random stream of this process: torch (CPU, CUDA), NumPy, Python and the trainer's generator."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": np.random.get_state(), "python": random.getstate(), "generator": generator.get_state()}
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])
+
+
+_CKPT_NAME = re.compile(r"step_(\d+)\.pt")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """``step_N.pt`` files and ``last.pt`` in ``folder``, newest (highest step, ``last.pt`` first) first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_NAME.fullmatch(p.name))]
+    found.sort(key=lambda t: t[0], reverse=True)
+    last = [folder / "last.pt"] if (folder / "last.pt").is_file() else []
+    return last + [p for _, p in found]
+
+
+def _load_valid(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's state, or None (with a warning) when it is corrupt or holds no training state."""
+    try:
+        state = checkpoint.load(path)
+    except EpisodicError as e:
+        log.warning("skipping checkpoint %s: %s", path, e)
+        return None
+    if "model" in state and "step" in state:
+        return state
+    log.warning("skipping checkpoint %s: it holds no training state", path)
+    return None
+
+
+def newest_valid_checkpoint(run_or_folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint of a run directory (or of a checkpoints folder) with the highest step that loads,
+    and its state; corrupt ones are skipped with a warning. ``last.pt`` counts at the step it holds (a
+    finished run that was extended with more ``train.steps`` writes newer numbered checkpoints)."""
+    folder = run_or_folder / "checkpoints" if (run_or_folder / "checkpoints").is_dir() else run_or_folder
+    last: tuple[Path, dict[str, Any]] | None = None
+    if (folder / "last.pt").is_file():
+        state = _load_valid(folder / "last.pt")
+        last = (folder / "last.pt", state) if state is not None else None
+    for path in list_checkpoints(folder):
+        if path.name == "last.pt":
+            continue
+        step = int(_CKPT_NAME.fullmatch(path.name).group(1))  # type: ignore[union-attr]
+        if last is not None and int(last[1]["step"]) >= step:
+            return last
+        state = _load_valid(path)
+        if state is not None:
+            return path, state
+    return last
+
+
+def prune_checkpoints(folder: Path, keep_last: int | None) -> None:
+    """Keep the ``keep_last`` newest ``step_N.pt`` (0 or null: all); remove stale ``.tmp`` files that a
+    killed run left (only rank 0 writes, and not while this runs)."""
+    for tmp in folder.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if not keep_last:
+        return
+    numbered = [p for p in list_checkpoints(folder) if p.name != "last.pt"]
+    for p in numbered[int(keep_last):]:
+        p.unlink(missing_ok=True)
 
 
 @dataclass
@@ -96,102 +246,339 @@ class StepStats:
     acc: float
 
 
+@dataclass
+class MicroStats:
+    """One micro-batch: detached loss and accuracy, and whether the loss was finite on every process."""
+
+    loss: Tensor
+    acc: Tensor
+    finite: bool
+
+
 class Trainer:
     """Builds a run from ``cfg`` and trains it; ``run_dir`` receives every file the run writes."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.device = resolve_device(cfg.device)
-        self.sampler = ViewSampler(cfg.n_supp, cfg.n_query, cfg.n_way)
-        self.sampler.way(cfg.batch_size)  # fail early if n_way does not divide the batch
+        self.dist = distributed.init_from_env(resolve_device(cfg.device))  # torchrun/SLURM env, or 1 process
+        self.device = self.dist.device
+        self.scope = plan_scope(str(cfg.task.get("scope", "global")), cfg.n_way, int(cfg.batch_size),
+                                self.dist.world_size, self.dist.rank, cfg.optim.get("accu_iter", 1))
+        self.accu_iter = self.scope.accu_iter  # micro-batches per optimizer step
+        self.sampler = ViewSampler(cfg.n_supp, cfg.n_query, self.scope.sampler_way)
         self.data = build_dataset(cfg.data.name, **_params(cfg.data.get("params")))
         self.train_set = ssl_split(self.data, cfg)
         self.model = build_model(cfg).to(self.device)
+        self.tasks = self.model.task  # task augmentations; their trainable parts are registered in the model
+        self.model.scope = self.scope
+        self.model, self.sync_bn = distributed.convert_sync_batchnorm(self.model, cfg.get("sync_bn", "auto"),
+                                                                      self.dist)
+        self.precision = resolve_precision(cfg.get("precision", 32), self.device)
+        self.channels_last = bool(cfg.get("channels_last", True)) and self.device.type == "cuda"
+        if self.channels_last:
+            use_channels_last(self.model)
+        self.train_model: nn.Module = self.model  # what train_step calls: DDP wrapper under several processes
+        if self.dist.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(cfg.train.get("find_unused_parameters", False)))
         self.augment = BatchAugment(AugmentConfig(**_params(cfg.data.augment))).to(self.device)
         self.optimizer = build_optimizer(self.model, **_params(cfg.optim.optimizer))
         self.steps = int(cfg.train.steps)
         self.scheduler = build_scheduler(self.optimizer, self.steps, **_params(cfg.optim.schedule))
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed + 1)
+        # fp16 needs loss scaling; bf16 and float32 do not (the scaler is then a pass-through)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == torch.float16)
+        # CPU generator (BatchAugment draws on the CPU); per-rank seeds, rank 0 keeps cfg.seed
+        self.generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, self.dist.rank))
+        torch.manual_seed(distributed.rank_seed(cfg.seed + 1, self.dist.rank))
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.skipped = 0  # steps skipped for a non-finite loss (train.skip_nonfinite=true)
+        self.last_checkpoint: Path | None = None
+        self._signal: str | None = None  # set by the SIGTERM/SIGINT handler of this process
+        self.stop_requested: str | None = None  # the signal, once every process has agreed to stop
+        if self.dist.is_main:
+            log.info(self.scope.describe())
+            if self.accu_iter > 1 and cfg.n_way is None:
+                log.warning("optim.accu_iter=%d with n_way=null: each micro-batch of %d images is one "
+                            "%d-way episode, a different task from the %d-way episode of batch_size=%d; set "
+                            "n_way to a divisor of %d for accumulation equivalent to the larger batch "
+                            "(docs/distributed.md)", self.accu_iter, self.scope.n_way, self.scope.n_way,
+                            cfg.batch_size, cfg.batch_size, self.scope.n_way)
+        self.resume(cfg.get("resume"))
 
     # ----------------------------------------------------------------- one step
     def train_step(self, images: Tensor) -> StepStats:
-        """One optimizer step on a batch of uint8 images ``[B, C, H, W]``."""
-        views = multi_view(self.augment, images.to(self.device, non_blocking=True), self.sampler.n_views,
-                           self.generator)
-        episode = self.sampler(views)
-        out = self.model(episode)
-        if not torch.isfinite(out.loss):
-            raise EpisodicError(f"non-finite loss {out.loss.item()} at step {self.step} with head "
-                                f"{self.cfg.head.name!r}; lower optim.optimizer.lr or check the data")
+        """One optimizer step on this process's share of the batch: ``optim.accu_iter`` micro-batches
+        (forward + backward each, gradients accumulated; DDP syncs on the last one only), one update.
+
+        ``images``: uint8 ``[B, C, H, W]`` or augmented views ``[V, B, C, S, S]`` (see :meth:`micro_step`).
+        A non-finite loss stops the run (EpisodicError naming the step, the head and the last good
+        checkpoint) or, with ``train.skip_nonfinite=true``, skips the update of this step.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+        parts = []
+        chunks = images.chunk(self.accu_iter, dim=1 if images.dim() == 5 else 0)
+        for i, chunk in enumerate(chunks):
+            parts.append(self.micro_step(chunk, last=i == len(chunks) - 1))
+            if not parts[-1].finite:
+                break  # every process agreed on the flag, so all of them stop here
+        finite = parts[-1].finite
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            if self.dist.is_main:
+                log.warning("non-finite loss at step %d (head %r): update skipped "
+                            "(train.skip_nonfinite=true)", self.step + 1, self.cfg.head.name)
         self.scheduler.step()
-        self.model.method.after_step(self.step, self.steps)
+        if finite:
+            self.model.method.after_step(self.step, self.steps)
+        loss = torch.stack([p.loss for p in parts]).mean()
+        acc = torch.stack([p.acc for p in parts]).mean()
+        return StepStats(loss, acc)  # type: ignore[arg-type]
+
+    def micro_step(self, images: Tensor, last: bool = True) -> MicroStats:
+        """Forward and backward of one micro-batch: uint8 images ``[b, C, H, W]`` (augmented here, on
+        the device), or views ``[V, b, C, S, S]`` augmented already (``loader.augment=worker|pil``,
+        pre-augmented data). The loss is divided by ``accu_iter`` so accumulated gradients are the mean."""
+        x = images.to(self.device, non_blocking=True)
+        views = x if x.dim() == 5 else multi_view(self.augment, x, self.sampler.n_views, self.generator)
+        episode, aux = self.tasks(self.sampler(views), self.generator, self.step, self.steps)
+        sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+        with sync:  # DDP all-reduces gradients only in the last micro-batch's backward
+            with self.autocast():
+                out = self.train_model(episode, aux)
+            loss = out.loss.float()
+            finite = self.check_finite(loss)
+            if finite:
+                self.scaler.scale(loss / self.accu_iter).backward()
         with torch.no_grad():
-            acc = (out.logits.argmax(-1) == episode.query_labels).float().mean()
-        return StepStats(out.loss.detach(), acc)  # type: ignore[arg-type]
+            acc = (out.logits.argmax(-1) == self.model.last_query_labels).float().mean()
+        self.last_scores = (out.logits.detach(), self.model.last_query_labels, out.extras)  # for log_scores
+        return MicroStats(loss.detach(), acc, finite)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast on CUDA per ``precision``; a no-op in float32 (and on CPU)."""
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.precision)
+
+    def check_finite(self, loss: Tensor) -> bool:
+        """Agree across processes on a non-finite loss and on a pending stop signal (one tiny
+        all-reduce); raise, or return False to skip the step under ``train.skip_nonfinite``."""
+        pending = 1.0 if self._signal is not None else 0.0
+        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(pending, device=loss.device)])
+        bad, stop = distributed.any_rank(flags).tolist()
+        if stop and self.stop_requested is None:
+            self.stop_requested = self._signal or "a signal to another process"
+        if not bad:
+            return True
+        if self.cfg.train.get("skip_nonfinite", False):
+            return False
+        value = loss.item() if not torch.isfinite(loss) else "on another process"
+        ckpt = str(self.last_checkpoint) if self.last_checkpoint is not None else "none written yet"
+        raise EpisodicError(f"non-finite loss ({value}) at step {self.step + 1} with head "
+                            f"{self.cfg.head.name!r}; last good checkpoint: {ckpt}; lower optim.optimizer.lr "
+                            f"and resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such "
+                            f"steps")
+
+    def make_loader(self, start_step: int = 0) -> BatchLoader:
+        """Training batches from ``start_step`` on, per the ``loader`` config (:mod:`episodic.data.loader`)."""
+        lc = _params(self.cfg.get("loader"))
+        allowed = ("augment", "workers", "pin_memory", "persistent_workers", "prefetch")
+        unknown = sorted(set(lc) - set(allowed))
+        check(not unknown, f"unknown loader key(s) {unknown}; allowed: {', '.join(allowed)}")
+        pin = lc.get("pin_memory", "auto")
+        check(pin in ("auto", True, False), f"loader.pin_memory={pin!r} is not allowed; use auto, true or false")
+        n, seed = len(self.train_set), int(self.cfg.seed)
+        return BatchLoader(self.train_set.images, int(self.cfg.batch_size), lambda e: epoch_order(n, seed, e),
+                           mode=lc.get("augment", "device"), augment=self.augment.cfg, n_views=self.sampler.n_views,
+                           seed=seed, workers=lc.get("workers", 0),
+                           pin_memory=self.device.type == "cuda" if pin == "auto" else pin,
+                           persistent_workers=bool(lc.get("persistent_workers", True)),
+                           prefetch=lc.get("prefetch", 2), start_step=start_step,
+                           rank=self.dist.rank, world_size=self.dist.world_size)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs. Collective under DDP (every rank's RNG states are gathered),
+        so every process calls it; model and optimizer are the same on all ranks."""
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
+            "model": self.model.state_dict(),  # includes buffers: BN statistics, queues, momentum encoders
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            # every random stream of every rank (a list in rank order)
+            "rng": distributed.all_gather_object(rng_state(self.generator, self.device)),
+            "sampler": self.sampler_state(),
+            "history": list(self.history),
+            "skipped": self.skipped,
+            "world_size": self.dist.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
+
+    def sampler_state(self) -> dict[str, int]:
+        """The data order's position: step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch``."""
+        return {"step": self.step, "seed": int(self.cfg.seed), "batch_size": int(self.cfg.batch_size),
+                "n_images": len(self.train_set)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        rngs = state.get("rng")
+        if rngs and len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank], self.generator, self.device)
+        elif self.dist.world_size == 1 and "generator" in state:
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        else:  # a different number of processes: the data order continues, the random streams restart
+            seed = distributed.rank_seed(int(self.cfg.seed) + int(state["step"]), self.dist.rank)
+            self.generator.manual_seed(seed)
+            torch.manual_seed(seed + 1)
+            if self.dist.is_main:
+                log.warning("checkpoint written by %s processes, resumed on %d: augmentation RNG streams "
+                            "re-seeded from (seed, rank, step)", len(rngs) if rngs else "?",
+                            self.dist.world_size)
         self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.skipped = int(state.get("skipped", 0))
 
     def save(self, name: str | None = None) -> Path:
-        return checkpoint.save(self.state_dict(), self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}.pt"))
+        """Write a checkpoint atomically (rank 0 writes; every rank must call this) and keep only the
+        newest ``train.keep_last`` numbered ones."""
+        state = self.state_dict()
+        path = self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}.pt")
+        if self.dist.is_main:
+            checkpoint.save(state, path)
+            prune_checkpoints(path.parent, self.cfg.train.get("keep_last", 0))
+        self.last_checkpoint = path
+        return path
+
+    def resume(self, spec: Any) -> Path | None:
+        """Apply ``resume``: ``null`` (start fresh), ``auto`` (the newest valid checkpoint in this run's
+        ``checkpoints/``, none: start fresh) or a path (a checkpoint file, or a run directory whose newest
+        valid checkpoint is taken). A corrupt checkpoint is skipped with a warning; one named explicitly
+        is an error. Rank 0 chooses, every rank loads the same file."""
+        if spec is None or str(spec).lower() in ("null", "none", "false", ""):
+            return None
+        spec = str(spec)
+        target = self.run_dir if spec == "auto" else Path(spec).expanduser()
+        if spec != "auto" and not target.exists():
+            raise EpisodicError(f"resume={spec!r}: no such file or directory; give a checkpoint (.pt), a run "
+                                f"directory, auto or null")
+        path: Path | None = target if target.is_file() else None
+        state: dict[str, Any] | None = None
+        if path is None and self.dist.is_main:
+            found = newest_valid_checkpoint(target)
+            path, state = found if found is not None else (None, None)
+        path = distributed.broadcast_object(path)
+        if path is None:
+            if self.dist.is_main:
+                log.info("resume=%s: no checkpoint in %s, starting from step 0", spec, target)
+            return None
+        state = state if state is not None else checkpoint.load(path)
+        self.check_compatible(state, path)
+        self.load_state_dict(state)
+        self.last_checkpoint = path
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def check_compatible(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint whose data order differs from this run's (another seed, batch or dataset)."""
+        old, new = state.get("sampler") or {}, self.sampler_state()
+        for key in ("seed", "batch_size", "n_images"):
+            if key in old and old[key] != new[key]:
+                raise EpisodicError(f"checkpoint '{path}' was written with {key}={old[key]}, this run has "
+                                    f"{new[key]}; resume with the same seed, batch_size and data, or "
+                                    f"resume=null")
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> None:
+        """Train from ``self.step`` to ``train.steps``. SIGTERM/SIGINT (what SLURM sends before a kill;
+        Ctrl-C) make every process finish its step, write a checkpoint and return with
+        ``stop_requested`` set; a second SIGINT interrupts at once."""
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for sig in previous:
+                signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: no handlers, the loop still checks the flag
+            previous = {}
+        try:
+            self._fit()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._signal = signal.Signals(signum).name
+
+    def _fit(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        from episodic.eval.knn import KNNMonitor
+
         cfg = self.cfg
-        writer = SummaryWriter(str(self.run_dir / "tb"))
-        batches = batch_indices(len(self.train_set), cfg.batch_size, cfg.seed, self.step)
+        # only rank 0 writes; on the others the writer swallows every call. purge_step drops the events
+        # a killed run logged after the checkpoint this run resumed from
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None) if self.dist.is_main \
+            else _NullWriter()
+        batches = iter(self.make_loader(self.step))
         bar = tqdm(total=self.steps, initial=self.step, desc=f"train {cfg.head.name}", dynamic_ncols=True,
-                   disable=not cfg.train.progress)
+                   disable=not (cfg.train.progress and self.dist.is_main))
+        knn = KNNMonitor(self)  # kNN accuracy every eval.knn_every epochs/steps (episodic/eval/knn.py)
         self.model.train()
-        t0, seen = time.perf_counter(), 0
+        t0, seen, wait = time.perf_counter(), 0, 0.0
         while self.step < self.steps:
-            idx = next(batches)
-            stats = self.train_step(self.train_set.images[idx])
+            t_wait = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t_wait
+            stats = self.train_step(batch)
             self.step += 1
-            seen += len(idx)
+            seen += (batch.shape[0] if batch.dim() == 4 else batch.shape[1]) * self.dist.world_size
             if self.step % cfg.train.log_every == 0 or self.step == self.steps:
                 dt = time.perf_counter() - t0
-                rec = {"step": self.step, "loss": float(stats.loss), "acc": float(stats.acc),
-                       "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(dt, 1e-9)}
+                mean = distributed.reduce_metrics({"loss": stats.loss, "acc": stats.acc}, self.device)
+                rec = {"step": self.step, "loss": mean["loss"], "acc": mean["acc"],
+                       "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(dt, 1e-9),
+                       "data_wait": wait / max(dt, 1e-9)}  # share of the time spent waiting for batches
                 self.history.append(rec)
                 for k, v in rec.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, self.step)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", img_s=f"{rec['images_per_s']:.0f}")
-                t0, seen = time.perf_counter(), 0
+                t0, seen, wait = time.perf_counter(), 0, 0.0
+            if cfg.train.get("hist_every") and self.step % cfg.train.hist_every == 0:
+                log_scores(writer, *self.last_scores, self.step)  # score histograms (episodic/heads/histograms.py)
             bar.update(1)
+            t0 += knn.after_step(self, writer, bar)  # seconds spent evaluating: not training time
+            if self.stop_requested is not None:  # agreed by every process in this step
+                break
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                 self.save()
         bar.close()
-        self.save("last.pt")
+        if self.stop_requested is not None:
+            self.save()
+            if self.dist.is_main:
+                log.warning("%s: stopped after step %d of %d, checkpoint %s", self.stop_requested, self.step,
+                            self.steps, self.last_checkpoint)
+        else:
+            self.save("last.pt")
         writer.close()
-        (self.run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        if self.dist.is_main:
+            (self.run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
 
 def fmt_acc(r: dict[str, float]) -> str:

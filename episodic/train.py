@@ -4,14 +4,22 @@ Examples::
 
     python -m episodic.train head=r2d2 n_supp=1 n_query=1
     python -m episodic.train -m head=contrastive,protonet,r2d2 seed=0,1,2
+    torchrun --standalone --nproc_per_node=4 -m episodic.train hydra.run.dir=runs/r2d2_4gpu
+    python -m episodic.train resume=auto hydra.run.dir=runs/r2d2_4gpu   # continue a stopped run
 
 The run directory (``runs/<date>/<time>_<head>`` by default) receives the resolved config,
-TensorBoard logs (``tb/``), ``history.jsonl``, checkpoints and ``results.json``.
+TensorBoard logs (``tb/``), ``history.jsonl``, checkpoints and ``results.json``. Under several
+processes rank 0 owns it: its path is broadcast, the other ranks write no Hydra files or logs, and
+only rank 0 runs the end-of-run evaluation (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +32,35 @@ from episodic.cli import CONFIG_DIR, run_or_fail, validate_overrides
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train per ``cfg``, evaluate trained vs random-init encoders, return the results dict."""
-    from episodic.engine import Trainer, build_model
+    from episodic import distributed
+    from episodic.engine import Trainer, build_model, resolve_device
     from episodic.eval.quick import format_table, quick_eval
 
-    trainer = Trainer(cfg, run_dir)
-    trainer.fit()
-    baseline = build_model(cfg).method.encoder.backbone.to(trainer.device)
-    res = quick_eval(trainer.model.method.encoder.backbone, baseline, trainer.data, cfg, trainer.device,
-                     Path(run_dir))
-    print(format_table(res, f"{cfg.head.name} on {cfg.data.name}, {trainer.steps} steps -> {run_dir}"))
-    return res
+    info = distributed.init_from_env(resolve_device(cfg.device))
+    try:
+        run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory on every rank
+        trainer = Trainer(cfg, run_dir)
+        trainer.fit()
+        if trainer.stop_requested is not None:
+            if info.is_main:
+                print(f"stopped by {trainer.stop_requested} after step {trainer.step} of {trainer.steps}; "
+                      f"checkpoint {trainer.last_checkpoint}; continue with: resume=auto "
+                      f"hydra.run.dir={run_dir}")
+            return {"stopped": trainer.stop_requested, "step": trainer.step,
+                    "checkpoint": str(trainer.last_checkpoint)}
+        if not info.is_main:
+            return {}
+        baseline = build_model(cfg).method.encoder.backbone.to(trainer.device)
+        res = quick_eval(trainer.model.method.encoder.backbone, baseline, trainer.data, cfg, trainer.device,
+                         Path(run_dir))
+        print(format_table(res, f"{cfg.head.name} on {cfg.data.name}, {trainer.steps} steps -> {run_dir}"))
+        if cfg.eval.get("plots", False):
+            from episodic.eval.plots import save_run_plots  # accuracy curve, score histograms, embedding map
+
+            save_run_plots(trainer, run_dir)
+        return res
+    finally:
+        distributed.cleanup()
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
@@ -41,8 +68,23 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_or_fail(lambda: train(cfg, HydraConfig.get().runtime.output_dir))
 
 
+def rank_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides for ranks > 0 of a torchrun job: no ``.hydra/`` files and no log file, and,
+    unless ``hydra.run.dir`` is given, a throwaway run directory (removed at exit): rank 0's
+    directory is the run's, and :func:`train` broadcasts its path."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        return []
+    extra = ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        tmp = tempfile.mkdtemp(prefix="episodic-rank")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        extra.append(f"hydra.run.dir={tmp}")
+    return extra
+
+
 def main() -> None:
     validate_overrides("train", sys.argv[1:])
+    sys.argv += rank_overrides(sys.argv[1:])
     _hydra_main()
 
 

@@ -13,7 +13,8 @@ from episodic.cli import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["backbone.params.width=16", "backbone.projector.hidden_dim=32", "backbone.projector.out_dim=16",
-        "batch_size=32", "train.steps=3", "train.progress=false", "eval.fewshot.episodes=20", "device=cpu"]
+        "batch_size=32", "train.steps=3", "train.progress=false", "eval.fewshot.episodes=20", "device=cpu",
+        "eval.plots=false"]  # end-of-run pictures (t-SNE) take seconds; tests/test_eval.py covers them
 
 
 def make_cfg(*overrides: str, config: str = "train") -> DictConfig:
