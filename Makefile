@@ -4,14 +4,16 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup clean fewshot-extra
+.PHONY: demo test setup clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml scripts/install_learn2learn.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned, so pip takes the wheels from local disk
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	# the `fewshot` extra (learn2learn) needs its C regenerated on Python 3.11: see the script
+	bash scripts/install_learn2learn.sh $(BIN)
 	touch $@
 
 setup: $(BIN)/.installed
@@ -21,11 +23,6 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
-
-# learn2learn 0.2.0 (mini/tiered-ImageNet loaders) does not build from its sdist on Python 3.11:
-# regenerate its C sources with Cython 3, then install without build isolation.
-fewshot-extra: setup
-	bash scripts/install_learn2learn.sh $(BIN)
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,7 @@ if "$BIN/python" -c "import learn2learn" 2>/dev/null; then exit 0; fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$BIN/pip" install -q "cython>=3"
-"$BIN/pip" download -q --no-deps --no-binary :all: learn2learn==0.2.0 -d "$work"
+"$BIN/pip" download -q --no-deps --no-build-isolation --no-binary learn2learn learn2learn==0.2.0 -d "$work"
 tar -xzf "$work"/learn2learn-0.2.0.tar.gz -C "$work"
 (cd "$work/learn2learn-0.2.0" && "$BIN/cythonize" -3 -f learn2learn/data/*.pyx >/dev/null)
 "$BIN/pip" install -q --no-build-isolation "$work/learn2learn-0.2.0"
