@@ -1,0 +1,72 @@
+"""What a protocol of ``python -m episodic.eval`` works on: encoders, data, device, run directory.
+
+:func:`build_context` reads the checkpoint (trained backbone + its random-init twin), picks the
+dataset (``data=...`` on the command line, else the checkpoint's own data config), checks that the
+images fit the backbone (channel count) and decides where results and the feature cache go
+(``<run dir>/results.json`` and ``<run dir>/eval_cache/``; the run directory is the folder above
+``checkpoints/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from episodic.data.datasets import ArrayDataset, Splits, build_dataset
+from episodic.errors import check
+from episodic.eval.features import Encoders, get_split, load_encoders
+
+
+@dataclass
+class EvalContext:
+    """Everything a protocol needs; ``backbones(baseline)`` lists ``(name, module)`` to evaluate."""
+
+    encoders: Encoders
+    data: Splits
+    data_cfg: DictConfig
+    data_key: str
+    device: torch.device
+    results_path: Path
+    cache_dir: Path | None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.results_path.parent
+
+    @property
+    def norm(self) -> dict[str, Any]:
+        aug = self.data_cfg.get("augment") or {}
+        return {"mean": aug.get("mean"), "std": aug.get("std")}
+
+    def split(self, name: str) -> ArrayDataset:
+        return get_split(self.data, name, str(self.data_cfg.name))
+
+    def backbones(self, baseline: bool = True) -> list[tuple[str, nn.Module]]:
+        out = [("trained", self.encoders.trained)]
+        return out + [("random_init", self.encoders.random_init)] if baseline else out
+
+
+def build_context(cfg: DictConfig, data_choice: str | None = None) -> EvalContext:
+    """Load checkpoint and data per the ``evaluate`` config (see the module docstring)."""
+    from episodic.engine import resolve_device
+
+    check(not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
+          "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)")
+    device = resolve_device(str(cfg.get("device", "auto")))
+    enc = load_encoders(cfg.checkpoint, device, cfg.get("backbone"))
+    own = enc.config.data
+    data_cfg = cfg.data if cfg.get("data") is not None else own
+    check(int(data_cfg.channels) == int(own.channels),
+          f"data {data_cfg.name!r} has {data_cfg.channels}-channel images but checkpoint '{cfg.checkpoint}' "
+          f"was trained on {own.channels}-channel images ({own.name}); pick data with {own.channels} channels")
+    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
+    data = build_dataset(str(data_cfg.name), **params)  # type: ignore[arg-type]
+    results = Path(cfg.results) if cfg.get("results") else enc.run_dir / "results.json"
+    cache = results.parent / "eval_cache" if cfg.eval.get("cache", True) else None
+    key = data_choice if data_choice else str(data_cfg.name)
+    return EvalContext(enc, data, data_cfg, key, device, results, cache)
