@@ -221,6 +221,46 @@ def imagefolder(root: str, image_size: int = 32, channels: int = 3, **_: Any) ->
     return Splits(read("train"), read("test"))
 
 
+@DATASETS.register("omniglot")
+def omniglot(**params: Any) -> Splits:
+    """Omniglot, Vinyals split by default (npz arrays or the original folders): :mod:`episodic.data.omniglot`."""
+    from episodic.data.omniglot import omniglot as build
+
+    return build(**params)
+
+
+@DATASETS.register("cifar_fs")
+def cifar_fs(**params: Any) -> Splits:
+    """CIFAR-FS (64/16/20 classes of CIFAR-100): :mod:`episodic.data.fewshot_datasets`."""
+    from episodic.data.fewshot_datasets import cifar_fs as build
+
+    return build(**params)
+
+
+@DATASETS.register("fc100")
+def fc100(**params: Any) -> Splits:
+    """FC100 (60/20/20 classes of CIFAR-100 by superclass): :mod:`episodic.data.fewshot_datasets`."""
+    from episodic.data.fewshot_datasets import fc100 as build
+
+    return build(**params)
+
+
+@DATASETS.register("mini_imagenet")
+def mini_imagenet(**params: Any) -> Splits:
+    """mini-ImageNet via learn2learn from a local root: :mod:`episodic.data.fewshot_datasets`."""
+    from episodic.data.fewshot_datasets import mini_imagenet as build
+
+    return build(**params)
+
+
+@DATASETS.register("tiered_imagenet")
+def tiered_imagenet(**params: Any) -> Splits:
+    """tiered-ImageNet via learn2learn from a local root: :mod:`episodic.data.fewshot_datasets`."""
+    from episodic.data.fewshot_datasets import tiered_imagenet as build
+
+    return build(**params)
+
+
 def build_dataset(name: str, **params: Any) -> Splits:
     """Build a registered dataset, turning missing files into one clear error line."""
     return DATASETS.get(name)(**params)

@@ -1,0 +1,139 @@
+"""What a head costs per training step: the framework's step time over a bare step's, per head and backbone.
+
+    python benchmarks/step_overhead.py                          # conv4, resnet_tiny; 3x32x32, batch 256, 2 views
+    python benchmarks/step_overhead.py --size 28 --channels 1   # Omniglot-sized inputs
+    python benchmarks/step_overhead.py --heads contrastive r2d2 --rounds 50
+
+*Head step*: :meth:`episodic.engine.Trainer.train_step` on views that are already augmented
+(``[2, B, C, S, S]``, the same tensors every step): view sampler -> episode -> encoder (backbone +
+projector) -> head loss -> backward -> optimizer step -> LR schedule step -> step accuracy.
+*Bare step*: the same encoder architecture on the same tensors, forward and backward of a plain
+dot-product loss ``-mean(z1 . z2)`` between the two views' projections, and the same optimizer's step;
+no head, no episode. Both run interleaved (bare, then every head, per round), so a load change on a
+shared machine hits them alike; the figure is the ratio of the medians over ``--rounds`` rounds (the
+median of the per-round ratios is printed too). Target: <= 1.05 for contrastive, ProtoNet and R2D2.
+
+The Trainer is built on the digits data with ``data.channels`` set to ``--channels``: the data itself
+is never used, every step gets the fixed views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from episodic.cli import CONFIG_DIR
+
+
+def make_trainer(head: str, backbone: str, batch: int, channels: int, size: int, tmp: str,
+                 extra: Sequence[str]) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    from episodic.engine import Trainer
+
+    overrides = [f"head={head}", f"backbone={backbone}", "data=digits", f"data.channels={channels}",
+                 f"data.augment.size={size}", f"batch_size={batch}", "n_supp=1", "n_query=1", "train.steps=100000",
+                 "train.progress=false", "device=cpu", *extra]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return Trainer(cfg, tmp)
+
+
+def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
+    """A step of the encoder alone on ``views [2, B, ...]``: plain dot-product loss, same optimizer type."""
+    from episodic.optim import build_optimizer
+
+    encoder = copy.deepcopy(trainer.model.method.encoder)
+    params = dict(trainer.cfg.optim.optimizer)
+    opt = build_optimizer(encoder, **params)
+    flat = views.flatten(0, 1)
+    b = views.shape[1]
+
+    def step() -> None:
+        z = encoder(flat)
+        loss = -(z[:b] * z[b:]).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    views = torch.rand(2, args.batch, args.channels, args.size, args.size, generator=g)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {h: make_trainer(h, backbone, args.batch, args.channels, args.size, tmp, args.extra)
+                    for h in heads}
+        bare = bare_step_fn(next(iter(trainers.values())), views)
+        steps = {"bare": bare, **{h: (lambda t=t: t.train_step(views)) for h, t in trainers.items()}}
+        for _ in range(args.warmup):
+            for fn in steps.values():
+                fn()
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(args.rounds):
+            for k, fn in steps.items():
+                times[k].append(timed(fn))
+    bare_med = statistics.median(times["bare"])
+    rows = []
+    for h in heads:
+        per_round = [a / b for a, b in zip(times[h], times["bare"])]
+        rows.append({"backbone": backbone, "head": h, "batch": args.batch, "views": 2,
+                     "input": f"{args.channels}x{args.size}x{args.size}", "rounds": args.rounds,
+                     "bare_ms": 1000 * bare_med, "step_ms": 1000 * statistics.median(times[h]),
+                     "ratio": statistics.median(times[h]) / bare_med,
+                     "median_round_ratio": statistics.median(per_round)})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbones", nargs="+", default=["conv4", "resnet_tiny"])
+    ap.add_argument("--heads", nargs="+", default=["contrastive", "protonet", "r2d2", "svm"])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20, help="timed steps per head (median)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("extra", nargs="*", help="Hydra overrides for every trainer (after --)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from episodic.cli import group_options
+
+    heads = [h for h in args.heads if h in group_options("head")]
+    missing = sorted(set(args.heads) - set(heads))
+    rows = []
+    for bb in args.backbones:
+        rows += measure(bb, heads, args)
+    print(f"batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, torch threads "
+          f"{torch.get_num_threads()}, {args.rounds} interleaved rounds (median)")
+    print(f"{'backbone':<12} {'head':<12} {'bare ms':>9} {'step ms':>9} {'ratio':>7} {'per-round':>9}")
+    for r in rows:
+        flag = "" if r["head"] == "svm" or r["ratio"] <= 1.05 else "  (> 1.05)"
+        print(f"{r['backbone']:<12} {r['head']:<12} {r['bare_ms']:>9.1f} {r['step_ms']:>9.1f} {r['ratio']:>7.3f} "
+              f"{r['median_round_ratio']:>9.3f}{flag}")
+    if missing:
+        print(f"not measured (no configs/head/<name>.yaml): {', '.join(missing)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
