@@ -42,8 +42,8 @@ def validate_overrides(config_name: str, argv: list[str]) -> None:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or "." in key or not (CONFIG_DIR / key).is_dir():
             continue
-        listed = value.startswith("[") and value.endswith("]")  # several options at once: variant=[a,b]
-        for v in value[1:-1].split(",") if listed else value.split(",") if sweep else [value]:
+        listed = "[" in value  # several options at once: variant=[a,b] (sweeps: variant=[a],[a,b])
+        for v in value.replace("[", ",").replace("]", ",").split(",") if listed or sweep else [value]:
             v = v.strip()
             if v and v != "null" and not (CONFIG_DIR / key / f"{v}.yaml").exists():
                 fail(f"unknown {key} {v!r}; allowed: {', '.join(group_options(key))}")

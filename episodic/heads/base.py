@@ -1,27 +1,45 @@
-"""The head contract.
+"""The head contract, and the hooks through which variants change a head.
 
 A head turns the support set of an episode into a classifier and scores the queries::
 
     scores(support [E, Ns, d], support_labels [E, Ns], query [E, Nq, d], n_way) -> logits [E, Nq, n_way]
 
-``forward(episode)`` returns a :class:`HeadOutput`: the training loss (cross-entropy of the query
-logits over the episode's classes, mixed labels included) and the logits it came from. Heads
-run in float32 (or float64 when given it) whatever the autocast dtype. A head only overrides ``forward`` when its loss is not
-a cross-entropy over ``scores`` (the contrastive head's symmetric loss).
+``forward(episode, memory=None)`` returns a :class:`HeadOutput`: the training loss (cross-entropy
+of the query logits over the episode's classes, mixed labels included), the logits it came from
+and optional diagnostics. Heads run in float32 (or float64 when given it) whatever the autocast
+dtype. A head only overrides ``forward`` when its loss is not a cross-entropy over ``scores``.
+
+``memory [K, d]`` (e.g. MoCo's queue of past support embeddings) adds ``K`` classes that have a
+support example but no query; only heads with ``supports_memory = True`` accept it.
+
+Variants (:mod:`episodic.heads.variants`) attach to a head (``head.variants``) and change one
+stage each; every hook is the identity by default:
+
+* ``prepare(z)``: each encoder pass's embeddings, before the head (t-kernel's batch standardisation);
+* ``replaces_l2``: the head skips its L2 normalisation (the variant standardised instead);
+* kernel heads (:class:`KernelHead`: contrastive, protonet) score anchors against candidate
+  columns from a kernel of ``(dot, |a|^2, |c|^2)`` and take a soft-target cross-entropy over
+  columns; variants add columns (soft neighbours), transform the geometry (feature transformation),
+  replace the kernel (Student-t) or the loss (debiased);
+* ridge-type heads call ``augment_support`` / ``transform_queries`` / ``gram`` instead
+  (see :mod:`episodic.heads.r2d2`); the loss hook applies to every head, the base ``forward``
+  included (so the SVM head can be debiased).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from episodic.errors import check
 from episodic.registry import Registry
 from episodic.tasks.episode import Episode
 
-HEADS: Registry[type["Head"]] = Registry("head", "episodic.heads")
+HEADS: Registry[type[Head]] = Registry("head", "episodic.heads")
 
 
 @dataclass
@@ -31,15 +49,27 @@ class HeadOutput:
     Attributes:
         loss: scalar training loss.
         logits: ``[E, Nq, n_way]`` query scores (used for accuracy and score histograms).
+        extras: named diagnostics for TensorBoard: 0-d tensors are logged as scalars, others as
+            histograms (e.g. the debiased clamp rate, feature-transformed scores).
     """
 
     loss: Tensor
     logits: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 def one_hot(labels: Tensor, n_way: int, dtype: torch.dtype) -> Tensor:
     """``[E, N]`` integer labels -> ``[E, N, n_way]`` one-hot of ``dtype``."""
     return F.one_hot(labels, n_way).to(dtype)
+
+
+def query_targets(episode: Episode, dtype: torch.dtype) -> Tensor:
+    """``[E, Nq, n_way]`` label mass of each query: one-hot, or ``w, 1 - w`` over two labels when mixed."""
+    t = one_hot(episode.query_labels, episode.n_way, dtype)
+    if episode.mix_weight is not None and episode.query_labels_mix is not None:
+        w = episode.mix_weight.to(dtype).unsqueeze(-1)
+        t = w * t + (1 - w) * one_hot(episode.query_labels_mix, episode.n_way, dtype)
+    return t
 
 
 def episode_cross_entropy(logits: Tensor, episode: Episode) -> Tensor:
@@ -57,21 +87,91 @@ def episode_cross_entropy(logits: Tensor, episode: Episode) -> Tensor:
     return nll.mean()
 
 
+def soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``mean_a -sum_c t_ac log softmax_c(l_a)`` over valid columns (``valid [.., A, C]`` bool or None)."""
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    logp = logits.log_softmax(-1)
+    if valid is not None:
+        logp = logp.masked_fill(~valid, 0.0)
+    return -(targets * logp).sum(-1).mean()
+
+
 def full_precision(x: Tensor) -> Tensor:
     """Half-precision tensors (autocast output) -> float32; float32/float64 pass through."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def pad_columns(x: Tensor, k: int) -> Tensor:
+    """Append ``k`` zero columns to the last dimension."""
+    return F.pad(x, (0, k)) if k else x
+
+
+def expand_memory(memory: Tensor, like: Tensor) -> Tensor:
+    """``[K, d]`` memory -> ``[E, K, d]`` in ``like``'s dtype/device (a view, no copy when possible)."""
+    return memory.to(like.dtype).unsqueeze(0).expand(like.shape[0], -1, -1)
+
+
 class Head(nn.Module):
     """Base class: subclasses implement :meth:`scores`; the loss is cross-entropy over it."""
 
+    supports_memory = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.variants = nn.ModuleDict()
+
+    # ------------------------------------------------------------- variant hooks
+    def prepare(self, z: Tensor) -> Tensor:
+        """Embeddings of one encoder pass ``[B, d]`` before the head (methods call this)."""
+        for v in self.variants.values():
+            z = v.prepare(z)
+        return z
+
+    @property
+    def replaces_l2(self) -> bool:
+        return any(v.replaces_l2 for v in self.variants.values())
+
+    def l2(self, x: Tensor) -> Tensor:
+        """The head's L2 normalisation, unless a variant standardises embeddings instead."""
+        return x if self.replaces_l2 else F.normalize(x, dim=-1)
+
+    def min_logit(self) -> float | None:
+        """A lower bound of every logit the head can produce (``None``: unbounded); DCL's floor."""
+        return None
+
+    def target_loss(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Soft-target cross-entropy over columns, or a variant's replacement (debiased)."""
+        for v in self.variants.values():
+            out = v.loss(logits, targets, valid, self.min_logit())
+            if out is not None:
+                return out
+        return soft_cross_entropy(logits, targets, valid), {}
+
+    def check_memory(self, memory: Tensor | None) -> None:
+        check(memory is None or self.supports_memory,
+              f"head {type(self).__name__} cannot take a memory queue of extra classes; use method.params."
+              "queue_size=0 or a head that can (contrastive, protonet, r2d2)")
+
+    # ------------------------------------------------------------- contract
     def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, episode: Episode) -> HeadOutput:
+    def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
+        self.check_memory(memory)
         s, q = full_precision(episode.support), full_precision(episode.query)
         logits = self.scores(s, episode.support_labels, q, episode.n_way)
-        return HeadOutput(loss=episode_cross_entropy(logits, episode), logits=logits)
+        if not any(v.replaces_loss for v in self.variants.values()):
+            return HeadOutput(loss=episode_cross_entropy(logits, episode), logits=logits)
+        loss, extras = self.target_loss(logits, query_targets(episode, logits.dtype))
+        return HeadOutput(loss=loss, logits=logits, extras=extras)
+
+
+def thin(x: Tensor, n: int = 4096) -> Tensor:
+    """At most about ``n`` evenly strided entries of ``x`` (flattened, detached): a cheap histogram sample."""
+    x = x.detach().flatten()
+    return x[:: max(1, x.numel() // n)]
 
 
 class LogitScale(nn.Module):
@@ -88,3 +188,133 @@ class LogitScale(nn.Module):
 
     def forward(self, logits: Tensor) -> Tensor:
         return logits * (self.init if self.log_scale is None else self.log_scale.exp())
+
+
+# ================================================================= kernel heads
+@dataclass
+class Pairs:
+    """The anchor x candidate problem of a kernel head (what variants see and change).
+
+    Attributes:
+        anchors: ``[E, A, d]`` rows that are classified (after the head's normalisation).
+        cands: ``[E, C, d]`` candidate columns (support views or prototypes, then memory rows).
+        targets: ``[E, A, C]`` target mass of each anchor on each column (0: a negative).
+        valid: ``[E, A, C]`` bool, ``False`` where a column is not a candidate (an anchor itself);
+            ``None``: all valid.
+        anchor_soft: ``[E, A, n_way]`` label distribution of each anchor.
+        support: ``[E, Ns, d]`` the normalised support rows (soft neighbours look theirs up).
+        support_labels: ``[E, Ns]``.
+        n_way: classes in the episode.
+    """
+
+    anchors: Tensor
+    cands: Tensor
+    targets: Tensor
+    valid: Tensor | None
+    anchor_soft: Tensor
+    support: Tensor
+    support_labels: Tensor
+    n_way: int
+
+    def replace(self, **changes: Any) -> Pairs:
+        return replace(self, **changes)
+
+    def valid_mask(self) -> Tensor:
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(self.targets.shape, dtype=torch.bool, device=self.targets.device)
+
+
+@dataclass
+class Geometry:
+    """Dot products and squared norms of anchor/candidate pairs (every kernel is a function of them).
+
+    ``dot [E, A, C]``, ``na`` broadcastable to it (``[E, A, 1]``), ``nc`` (``[E, 1, C]``).
+    """
+
+    dot: Tensor
+    na: Tensor
+    nc: Tensor
+
+    @staticmethod
+    def of(a: Tensor, c: Tensor) -> Geometry:
+        na, nc = a.pow(2).sum(-1, keepdim=True), c.pow(2).sum(-1).unsqueeze(-2)
+        return Geometry(a @ c.transpose(-1, -2), na, nc)
+
+    def sq_dist(self) -> Tensor:
+        """``||a - c||^2`` (clamped at 0 against rounding)."""
+        return (self.na + self.nc - 2 * self.dot).clamp_min(0)
+
+
+class KernelHead(Head):
+    """A head whose logits are a kernel ``k(dot, |a|^2, |c|^2)`` between anchors and candidates.
+
+    Subclasses implement :meth:`base_kernel` (the head's own logits) and :meth:`energy` (``u >= 0``
+    with ``base_kernel = -u + c(anchor)`` on the unit sphere: the Gaussian-kernel reading that the
+    Student-t variant generalises), and build :class:`Pairs` in ``forward``.
+    """
+
+    supports_memory = True
+
+    def base_kernel(self, geo: Geometry) -> Tensor:
+        raise NotImplementedError
+
+    def energy(self, geo: Geometry) -> Tensor:
+        raise NotImplementedError
+
+    def max_energy(self) -> float | None:
+        """Largest energy on the unit sphere (``None`` if embeddings are not L2-normalised)."""
+        return None
+
+    def base_min_logit(self) -> float | None:
+        return None
+
+    def _variant_kernel(self, energy: Tensor) -> Tensor | None:
+        for v in self.variants.values():
+            out = v.kernel(energy)
+            if out is not None:
+                return out
+        return None
+
+    def has_variant_kernel(self) -> bool:
+        return any(v.replaces_kernel for v in self.variants.values())
+
+    def kernel(self, geo: Geometry) -> Tensor:
+        """Logits of every pair: the head's kernel, or a variant's (Student-t) of its energy."""
+        if self.has_variant_kernel():
+            return self._variant_kernel(self.energy(geo))  # type: ignore[return-value]
+        return self.base_kernel(geo)
+
+    def min_logit(self) -> float | None:
+        if self.replaces_l2:
+            return None
+        if self.has_variant_kernel():
+            u = self.max_energy()
+            if u is None:
+                return None
+            return float(self._variant_kernel(torch.tensor(u, dtype=torch.float64)))  # type: ignore[arg-type]
+        return self.base_min_logit()
+
+    def pair_loss(self, pairs: Pairs) -> tuple[Tensor, dict[str, Tensor], Tensor, bool]:
+        """Run the variant stages on ``pairs``; return loss, extras, training logits and whether the
+        geometry was transformed (then the training logits are not the head's plain scores)."""
+        if self.training:
+            for v in self.variants.values():
+                pairs = v.add_columns(pairs)
+        geo = Geometry.of(pairs.anchors, pairs.cands)
+        transformed = False
+        extras: dict[str, Tensor] = {}
+        if self.training:
+            for v in self.variants.values():
+                new = v.transform_geometry(geo, pairs)
+                transformed |= new is not geo
+                geo = new
+        logits = self.kernel(geo)
+        loss, more = self.target_loss(logits, pairs.targets, pairs.valid)
+        extras.update(more)
+        if transformed:
+            with torch.no_grad():
+                valid = pairs.valid_mask()
+                extras["scores/ft_pos"] = thin(logits[valid & (pairs.targets > 0)])
+                extras["scores/ft_neg"] = thin(logits[valid & (pairs.targets == 0)])
+        return loss, extras, logits, transformed

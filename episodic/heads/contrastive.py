@@ -12,19 +12,37 @@ where ``t_ab`` spreads the anchor's label mass uniformly over the candidates of 
 ``n_supp = n_query = 1`` this is exactly NT-Xent over the 2N views. Unlike ProtoNet it is
 symmetric (queries also classify supports) and counts same-view negatives.
 
+``symmetric=False`` keeps only the queries as anchors and only the support views as candidates:
+the one-directional InfoNCE of MoCo (query against keys). A ``memory`` (MoCo's queue) adds
+candidate columns that are negatives for every anchor.
+
 As a classifier (:meth:`scores`, used for accuracy and few-shot evaluation) a query's logit for
 class k is ``log sum_{i: y_i = k} exp(s_qi)``: the softmax mass the anchor puts on class k's
 support examples (``s_qk`` itself for one shot).
+
+Kernel reading (for variants): on unit vectors ``s_ab = -||z_a - z_b||^2 / (2 tau) + 1/tau``, so the
+energy is ``u = ||z_a - z_b||^2 / (2 tau)`` and the smallest logit ``-1/tau``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from episodic.errors import check
-from episodic.heads.base import HEADS, Head, HeadOutput, LogitScale, full_precision, one_hot
+from episodic.heads.base import (
+    HEADS,
+    Geometry,
+    HeadOutput,
+    KernelHead,
+    LogitScale,
+    Pairs,
+    expand_memory,
+    full_precision,
+    one_hot,
+    pad_columns,
+    query_targets,
+)
 from episodic.tasks.episode import Episode
 
 
@@ -47,36 +65,70 @@ def soft_positive_targets(labels: Tensor, soft: Tensor) -> Tensor:
     return t * (1 - torch.eye(t.shape[-1], dtype=t.dtype, device=t.device))
 
 
+def spread_targets(soft: Tensor, labels: Tensor) -> Tensor:
+    """``[E, A, K]`` anchor label mass -> ``[E, A, N]`` mass per candidate with ``labels [E, N]``,
+    shared equally by the candidates of each label."""
+    cand = one_hot(labels, soft.shape[-1], soft.dtype)
+    return (soft / cand.sum(1, keepdim=True).clamp_min(1)) @ cand.transpose(1, 2)
+
+
 @HEADS.register("contrastive")
-class ContrastiveHead(Head):
+class ContrastiveHead(KernelHead):
     """Symmetric InfoNCE over all views of the episode (NT-Xent for two views)."""
 
-    def __init__(self, temperature: float = 0.2, learn_scale: bool = False) -> None:
+    needs_all_views = True
+
+    def __init__(self, temperature: float = 0.2, learn_scale: bool = False, symmetric: bool = True) -> None:
         super().__init__()
         check(temperature > 0, f"head.params.temperature={temperature} is not allowed; use a value > 0")
         self.scale = LogitScale(1.0 / temperature, learn=learn_scale)
+        self.symmetric = symmetric
+
+    # kernel: s = scale * <a, c>;  energy u = scale * ||a - c||^2 / 2
+    def base_kernel(self, geo: Geometry) -> Tensor:
+        return self.scale(geo.dot)
+
+    def energy(self, geo: Geometry) -> Tensor:
+        return self.scale(geo.sq_dist()) / 2
+
+    def max_energy(self) -> float | None:
+        return 2.0 * self.scale.value  # ||a - c||^2 <= 4 on the unit sphere
+
+    def base_min_logit(self) -> float | None:
+        return -self.scale.value
 
     def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
-        sim = self.scale(F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2))
+        sim = self.kernel(Geometry.of(self.l2(query), self.l2(support)))
         return class_logsumexp(sim, support_labels, n_way)
 
-    def similarities(self, episode: Episode) -> tuple[Tensor, Tensor, Tensor]:
-        """All-pairs scaled cosine similarities of support+query views, their labels and soft labels."""
-        z = F.normalize(full_precision(torch.cat([episode.support, episode.query], 1)), dim=-1)
-        labels = torch.cat([episode.support_labels, episode.query_labels], 1)
-        soft = one_hot(labels, episode.n_way, z.dtype)
-        if episode.mix_weight is not None and episode.query_labels_mix is not None:
-            ns, w = episode.support.shape[1], episode.mix_weight.to(z.dtype).unsqueeze(-1)
-            mixed = w * soft[:, ns:] + (1 - w) * one_hot(episode.query_labels_mix, episode.n_way, z.dtype)
-            soft = torch.cat([soft[:, :ns], mixed], 1)
-        return self.scale(z @ z.transpose(1, 2)), labels, soft
-
-    def forward(self, episode: Episode) -> HeadOutput:
-        sim, labels, soft = self.similarities(episode)
-        m = sim.shape[-1]
-        eye = torch.eye(m, dtype=torch.bool, device=sim.device)
-        logp = sim.masked_fill(eye, float("-inf")).log_softmax(-1).masked_fill(eye, 0.0)
-        loss = -(soft_positive_targets(labels, soft) * logp).sum(-1).mean()
+    def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
         ns = episode.support.shape[1]
-        logits = class_logsumexp(sim[:, ns:, :ns], episode.support_labels, episode.n_way)
-        return HeadOutput(loss=loss, logits=logits)
+        z = self.l2(full_precision(torch.cat([episode.support, episode.query], 1)))
+        support = z[:, :ns]
+        q_soft = query_targets(episode, z.dtype)
+        mem = self.l2(expand_memory(memory, z)) if memory is not None else None
+        k = 0 if mem is None else mem.shape[1]
+        if self.symmetric:
+            labels = torch.cat([episode.support_labels, episode.query_labels], 1)
+            soft = torch.cat([one_hot(episode.support_labels, episode.n_way, z.dtype), q_soft], 1)
+            m = z.shape[1]
+            eye = torch.eye(m, dtype=torch.bool, device=z.device).expand(z.shape[0], m, m)
+            valid = torch.cat([~eye, eye.new_ones(z.shape[0], m, k)], -1)
+            pairs = Pairs(anchors=z, cands=z if mem is None else torch.cat([z, mem], 1),
+                          targets=pad_columns(soft_positive_targets(labels, soft), k), valid=valid,
+                          anchor_soft=soft, support=support, support_labels=episode.support_labels,
+                          n_way=episode.n_way)
+            rows, cols = slice(ns, None), slice(None, ns)
+        else:
+            pairs = Pairs(anchors=z[:, ns:], cands=support if mem is None else torch.cat([support, mem], 1),
+                          targets=pad_columns(spread_targets(q_soft, episode.support_labels), k), valid=None,
+                          anchor_soft=q_soft, support=support, support_labels=episode.support_labels,
+                          n_way=episode.n_way)
+            rows, cols = slice(None), slice(None, ns)
+        loss, extras, logits, transformed = self.pair_loss(pairs)
+        if transformed:  # accuracy and histograms from the untransformed scores
+            qs = self.kernel(Geometry.of(pairs.anchors[:, rows], support))
+        else:
+            qs = logits[:, rows, cols]
+        return HeadOutput(loss=loss, logits=class_logsumexp(qs, episode.support_labels, episode.n_way),
+                          extras=extras)

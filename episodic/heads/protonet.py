@@ -9,15 +9,32 @@ With ``normalize=True`` (default) embeddings are L2-normalised first. For one sh
 sphere ``-||q - c||^2 / tau = (2/tau) cos(q, c) - 2/tau``, i.e. a one-directional InfoNCE with
 temperature ``tau / 2``. (The metacontrastive reference divides embeddings by sqrt(T), which is
 this head with ``tau = T``.) ``metric="cosine"`` scores ``cos(q, c_k) / tau`` instead.
+
+A ``memory`` (MoCo's queue) adds one-example prototypes that are negatives for every query.
+Kernel reading (for variants): the energy is ``u = ||q - c||^2 / tau`` (``(1 - cos) / tau`` for the
+cosine metric) and the logit ``-u``; prototypes lie in the unit ball, so ``u <= 4 / tau``.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from episodic.errors import check
-from episodic.heads.base import HEADS, Head, LogitScale, one_hot
+from episodic.heads.base import (
+    HEADS,
+    Geometry,
+    HeadOutput,
+    KernelHead,
+    LogitScale,
+    Pairs,
+    expand_memory,
+    full_precision,
+    one_hot,
+    pad_columns,
+    query_targets,
+)
+from episodic.tasks.episode import Episode
 
 
 def prototypes(support: Tensor, support_labels: Tensor, n_way: int) -> Tensor:
@@ -27,8 +44,10 @@ def prototypes(support: Tensor, support_labels: Tensor, n_way: int) -> Tensor:
 
 
 @HEADS.register("protonet")
-class ProtoNetHead(Head):
+class ProtoNetHead(KernelHead):
     """Prototypes as class means; logits = -squared distance / tau (or cosine / tau)."""
+
+    needs_all_views = False
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True, metric: str = "euclidean",
                  learn_scale: bool = False) -> None:
@@ -39,13 +58,46 @@ class ProtoNetHead(Head):
         self.normalize, self.metric = normalize, metric
         self.scale = LogitScale(1.0 / temperature, learn=learn_scale)
 
-    def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
-        if self.normalize or self.metric == "cosine":
-            support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
-        c = prototypes(support, support_labels, n_way)
+    def norm(self, x: Tensor) -> Tensor:
+        return self.l2(x) if (self.normalize or self.metric == "cosine") else x
+
+    def _cos(self, geo: Geometry) -> Tensor:
+        return geo.dot / (geo.na * geo.nc).sqrt().clamp_min(1e-12)
+
+    def base_kernel(self, geo: Geometry) -> Tensor:
         if self.metric == "cosine":
-            logits = query @ F.normalize(c, dim=-1).transpose(1, 2)
-        else:
-            # -||q - c||^2 = 2 q.c - ||q||^2 - ||c||^2, one batched matmul
-            logits = 2 * query @ c.transpose(1, 2) - query.pow(2).sum(-1, keepdim=True) - c.pow(2).sum(-1).unsqueeze(1)
-        return self.scale(logits)
+            return self.scale(self._cos(geo))
+        # -||q - c||^2 = 2 q.c - ||q||^2 - ||c||^2
+        return self.scale(2 * geo.dot - geo.na - geo.nc)
+
+    def energy(self, geo: Geometry) -> Tensor:
+        return self.scale(1 - self._cos(geo) if self.metric == "cosine" else geo.sq_dist())
+
+    def max_energy(self) -> float | None:
+        if self.metric == "cosine":
+            return 2.0 * self.scale.value
+        return 4.0 * self.scale.value if self.normalize else None
+
+    def base_min_logit(self) -> float | None:
+        u = self.max_energy()
+        return None if u is None else (-self.scale.value if self.metric == "cosine" else -u)
+
+    def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
+        c = prototypes(self.norm(support), support_labels, n_way)
+        return self.kernel(Geometry.of(self.norm(query), c))
+
+    def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
+        s, q = self.norm(full_precision(episode.support)), self.norm(full_precision(episode.query))
+        c = prototypes(s, episode.support_labels, episode.n_way)
+        k = 0
+        if memory is not None:
+            mem = self.norm(expand_memory(memory, s))
+            k = mem.shape[1]
+            c = torch.cat([c, mem], 1)
+        soft = query_targets(episode, q.dtype)
+        pairs = Pairs(anchors=q, cands=c, targets=pad_columns(soft, k), valid=None, anchor_soft=soft,
+                      support=s, support_labels=episode.support_labels, n_way=episode.n_way)
+        loss, extras, logits, transformed = self.pair_loss(pairs)
+        n = episode.n_way
+        raw = self.kernel(Geometry.of(q, c[:, :n])) if transformed else logits[..., :n]
+        return HeadOutput(loss=loss, logits=raw, extras=extras)

@@ -14,16 +14,42 @@ Names. The metacontrastive reference divides unit-normalised embeddings by sqrt(
 ridge solve; that leaves the logits unchanged and only rescales the penalty: ``lam_eff = reg * T``
 (its defaults reg = 50, T = 0.1 are ``lam = 5`` here). So this head has an honest ``lam`` and a
 separate logit ``scale`` (learnable by default, as in MetaOptNet and MetaAug) and optional bias.
+
+Extensions used by encoder pairings and variants (all off by default):
+
+* ``memory [K, d]`` (MoCo's queue): ``K`` extra support rows, each its own class (one-hot on a new
+  column), so ``Y`` becomes ``[[Y, 0], [0, I_K]]``; queries are scored over ``n_way + K`` classes;
+* a variant's ``gram`` (Student-t) turns the ridge into kernel ridge in dual form,
+  ``logits = scale * K(Q, S) (K(S, S) + lam I)^{-1} Y``;
+* ``augment_support`` (soft neighbours) appends support rows with soft targets;
+* ``transform_queries`` (feature transformation) moves the training queries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from episodic.errors import check
-from episodic.heads.base import HEADS, Head, LogitScale, one_hot
+from episodic.heads.base import (
+    HEADS,
+    Head,
+    HeadOutput,
+    LogitScale,
+    expand_memory,
+    full_precision,
+    one_hot,
+    pad_columns,
+    query_targets,
+)
+from episodic.tasks.episode import Episode
+
+
+def _cholesky_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram + lam * eye))
 
 
 def ridge_weights(support: Tensor, targets: Tensor, lam: float, solve: str = "auto") -> Tensor:
@@ -31,20 +57,21 @@ def ridge_weights(support: Tensor, targets: Tensor, lam: float, solve: str = "au
     n, d = support.shape[-2:]
     primal = d <= n if solve == "auto" else solve == "primal"
     if primal:
-        gram = support.transpose(1, 2) @ support  # [E, d, d]
-        rhs = support.transpose(1, 2) @ targets
-    else:
-        gram = support @ support.transpose(1, 2)  # [E, n, n]
-        rhs = targets
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    chol = torch.linalg.cholesky(gram + lam * eye)
-    x = torch.cholesky_solve(rhs, chol)
-    return x if primal else support.transpose(1, 2) @ x
+        return _cholesky_solve(support.transpose(1, 2) @ support, support.transpose(1, 2) @ targets, lam)
+    return support.transpose(1, 2) @ _cholesky_solve(support @ support.transpose(1, 2), targets, lam)
+
+
+def kernel_ridge_coefficients(gram: Tensor, targets: Tensor, lam: float) -> Tensor:
+    """Dual coefficients ``alpha = (K + lam I)^{-1} Y`` for a kernel Gram matrix ``K [E, n, n]``."""
+    return _cholesky_solve(gram, targets, lam)
 
 
 @HEADS.register("r2d2")
 class R2D2Head(Head):
     """Ridge regression to one-hot labels, solved in closed form (primal or dual, whichever is smaller)."""
+
+    supports_memory = True
+    needs_all_views = False
 
     def __init__(self, lam: float = 5.0, scale: float = 1.0, learn_scale: bool = True, bias: bool = False,
                  normalize: bool = True, solve: str = "auto") -> None:
@@ -56,9 +83,46 @@ class R2D2Head(Head):
         self.scale = LogitScale(scale, learn=learn_scale)
         self.bias = nn.Parameter(torch.zeros(())) if bias else None
 
-    def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
-        if self.normalize:
-            support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
-        w = ridge_weights(support, one_hot(support_labels, n_way, support.dtype), self.lam, self.solve)
-        logits = self.scale(query @ w)
+    def norm(self, x: Tensor) -> Tensor:
+        return self.l2(x) if self.normalize else x
+
+    def fit(self, support: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        """The fitted classifier ``query [E, Nq, d] -> logits [E, Nq, k]`` (linear or kernel ridge)."""
+        gram = next((v.gram for v in self.variants.values() if v.replaces_kernel), None)
+        if gram is None:
+            w = ridge_weights(support, targets, self.lam, self.solve)
+            return lambda q: self._out(q @ w)
+        alpha = kernel_ridge_coefficients(gram(support, support), targets, self.lam)
+        return lambda q: self._out(gram(q, support) @ alpha)
+
+    def _out(self, raw: Tensor) -> Tensor:
+        logits = self.scale(raw)
         return logits if self.bias is None else logits + self.bias
+
+    def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
+        s = self.norm(support)
+        return self.fit(s, one_hot(support_labels, n_way, s.dtype))(self.norm(query))
+
+    def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
+        s, q = self.norm(full_precision(episode.support)), self.norm(full_precision(episode.query))
+        n = episode.n_way
+        y = one_hot(episode.support_labels, n, s.dtype)
+        soft = query_targets(episode, q.dtype)
+        s_all, y_all, q_train = s, y, q
+        if self.training:
+            for v in self.variants.values():
+                s_all, y_all = v.augment_support(s_all, y_all)
+                q_train = v.transform_queries(q_train, s, y, soft)
+        k = 0
+        if memory is not None:
+            mem = self.norm(expand_memory(memory, s))
+            k = mem.shape[1]
+            eye = torch.eye(k, dtype=s.dtype, device=s.device).expand(s.shape[0], k, k)
+            s_all = torch.cat([s_all, mem], 1)
+            y_mem = torch.cat([eye.new_zeros(s.shape[0], k, n), eye], -1)  # each memory row its own class
+            y_all = torch.cat([pad_columns(y_all, k), y_mem], 1)
+        classifier = self.fit(s_all, y_all)
+        logits = classifier(q_train)
+        loss, extras = self.target_loss(logits, pad_columns(soft, k))
+        raw = logits if q_train is q else classifier(q)
+        return HeadOutput(loss=loss, logits=raw[..., :n], extras=extras)

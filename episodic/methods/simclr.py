@@ -1,4 +1,7 @@
-"""``simclr``: one encoder embeds support and query views in a single forward pass."""
+"""``simclr``: one encoder embeds support and query views in a single forward pass.
+
+``head.prepare`` (identity unless a variant standardises embeddings) sees that one pass's output.
+"""
 
 from __future__ import annotations
 
@@ -12,4 +15,4 @@ class SimCLR(Method):
     """Support and query share the encoder; BatchNorm statistics cover every view."""
 
     def forward(self, episode: Episode, head: Head) -> HeadOutput:
-        return head(episode.embed(self.encoder))
+        return head(episode.embed(lambda x: head.prepare(self.encoder(x))))

@@ -1,0 +1,43 @@
+"""Loss variants that compose with heads through config (``variant=debiased``, ``variant=[a,b]``).
+
+Each variant is one module with its formula in the docstring:
+
+* ``debiased`` (DCL, Chuang et al. 2020): the negative term corrected for same-class negatives;
+* ``t_kernel`` (t-SimCLR / t-MoCo-v2, Hu et al. 2023): Student-t similarity kernel;
+* ``soft_neighbors`` (SNCLR, Ge et al. 2023): bank neighbours as softly weighted positives;
+* ``feature_transform`` (FT, Zhu et al. 2021): extrapolated positives, interpolated negatives.
+
+:func:`attach_variants` builds them from the ``variant`` config node (one key per variant, its
+parameters as values), checks each against the head and the encoder pairing, and attaches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from episodic.errors import check
+from episodic.heads.base import Head
+from episodic.heads.variants.base import VARIANTS, Variant, head_name, method_name
+
+
+def attach_variants(head: Head, variants: Mapping[str, Any] | None, method: Any = None,
+                    dim: int | None = None) -> Head:
+    """Build the variants named in ``variants`` (name -> params), check and attach them to ``head``.
+
+    Also checks the encoder pairing against the head (``method.check_head``). ``dim`` is the
+    embedding width (for memory banks).
+    """
+    if method is not None and hasattr(method, "check_head"):
+        method.check_head(head)
+    for name, params in (variants or {}).items():
+        v = VARIANTS.build(name, dim=dim, **dict(params or {}))
+        v.check(head, method)
+        for other in head.variants:
+            check(other not in v.conflicts and name not in head.variants[other].conflicts,
+                  f"variant={name} cannot be combined with variant={other}; use one of them")
+        head.variants[name] = v
+    return head
+
+
+__all__ = ["VARIANTS", "Variant", "attach_variants", "head_name", "method_name"]
