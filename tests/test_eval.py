@@ -217,7 +217,7 @@ def test_fewshot_heads_share_episodes_and_intervals_shrink(run: Path) -> None:
         assert 20.0 < b["mean"] <= 100.0
     # the protocol's episodes are exactly sample_episodes(seed): recompute ProtoNet's mean independently
     enc = load_encoders(run / "checkpoints" / "last.pt")
-    data_cfg = OmegaConf.create({"name": "digits", "fewshot_classes": [5, 6, 7, 8, 9]})
+    data_cfg = OmegaConf.create({"name": "digits", "fewshot_classes": [5, 6, 7, 8, 9], "fewshot_split": "test"})
     fs = fewshot_source(build_dataset("digits", image_size=16), data_cfg)
     assert sorted(fs.labels.unique().tolist()) == [5, 6, 7, 8, 9]
     proto = HEADS.build("protonet", temperature=1.0, normalize=True, metric="euclidean")

@@ -10,9 +10,10 @@ Crammer-Singer QP head, ...) built through ``HEADS``, plus :class:`LogRegHead`: 
 multinomial logistic regression fitted on each episode's support set (the linear classifier of
 Tian et al. 2020, "Rethinking few-shot image classification", on L2-normalised features).
 
-Which images: with ``split: auto`` the dataset's ``fewshot_classes`` from train + test when the
-data config names them (digits: 5-9, never seen in training), else the test split (the meta-test
-classes of Omniglot, CIFAR-FS, FC100, mini-ImageNet loaders).
+Which images: with ``split: auto`` the dataset's ``fewshot_classes`` from its ``fewshot_split``
+(``both`` unless the data config says ``test`` or ``train``; digits: 5-9 of the test split) when the
+data config names them, else the test split (the meta-test classes of Omniglot, CIFAR-FS, FC100,
+mini-ImageNet loaders).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def fewshot_source(data: Any, data_cfg: DictConfig, split: str = "auto", classes
     if split == "auto":
         fc = data_cfg.get("fewshot_classes")
         if fc is not None:
-            ds = get_split(data, "both", name)
+            ds = get_split(data, str(data_cfg.get("fewshot_split", "both")), name)
             classes = list(fc) if classes is None else classes
         else:
             ds = get_split(data, "test", name)

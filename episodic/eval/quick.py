@@ -20,16 +20,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from episodic.data.datasets import ArrayDataset, Splits
-from episodic.eval.features import extract_features
-from episodic.eval.fewshot import fewshot_accuracy
+from episodic.eval.features import extract_features, labelled
+from episodic.eval.fewshot import fewshot_accuracy, fewshot_source
 from episodic.eval.linear import linear_probe
 from episodic.heads.protonet import ProtoNetHead
 
 
 def fewshot_set(data: Splits, cfg: DictConfig) -> ArrayDataset:
-    """Labeled images of the held-out few-shot classes (``data.fewshot_classes``, both splits)."""
-    both = ArrayDataset.concat([data.train, data.test])
-    return both.with_classes(cfg.data.get("fewshot_classes"))
+    """Labeled images of the few-shot classes (``data.fewshot_classes`` from ``data.fewshot_split``)."""
+    return fewshot_source(data, cfg.data)
 
 
 def evaluate_encoder(backbone: nn.Module, data: Splits, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
@@ -37,10 +36,12 @@ def evaluate_encoder(backbone: nn.Module, data: Splits, cfg: DictConfig, device:
     ev = cfg.eval
     norm = dict(mean=cfg.data.augment.get("mean"), std=cfg.data.augment.get("std"))
     out: dict[str, Any] = {}
-    if ev.linear:
-        ftr = extract_features(backbone, data.train.images, device=device, **norm)
-        fte = extract_features(backbone, data.test.images, device=device, **norm)
-        out["linear"] = linear_probe(ftr, data.train.labels, fte, data.test.labels)
+    train, test = labelled(data.train), labelled(data.test)
+    # a linear probe needs the test classes among the training classes (not so for Omniglot's splits)
+    if ev.linear and bool(torch.isin(test.labels, train.labels).all()):
+        ftr = extract_features(backbone, train.images, device=device, **norm)
+        fte = extract_features(backbone, test.images, device=device, **norm)
+        out["linear"] = linear_probe(ftr, train.labels, fte, test.labels)
     fs = fewshot_set(data, cfg)
     feats = extract_features(backbone, fs.images, device=device, **norm)
     head = ProtoNetHead(temperature=1.0, metric="cosine")
