@@ -25,7 +25,7 @@ Per-dataset recipes (``configs/eval/linear.yaml``): CIFAR-10/100 batch 1024, lr 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,16 @@ if TYPE_CHECKING:
     from episodic.eval.context import EvalContext
 
 AUGS = ("none", "crop_flip", "resized_crop")
+
+
+def shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """``steps`` batches of indices into ``range(n)``: drop-last passes over fresh permutations."""
+    order, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, weight_decay: float = 1e-4,
@@ -135,14 +145,9 @@ def sgd_probe(batch_features: Callable[[Tensor], Tensor], labels: Tensor, dim: i
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / steps))
     g = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(n, generator=g), 0
     labels = labels.to(device)
     with torch.enable_grad():
-        for _ in range(steps):
-            if pos + bs > n:
-                order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos : pos + bs]
-            pos += bs
+        for idx in shuffled_batches(n, bs, steps, g):
             loss = F.cross_entropy(head(batch_features(idx).to(device).float()), labels[idx.to(device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -71,20 +71,10 @@ def quick_eval(trained: nn.Module, random_init: nn.Module, data: Splits, cfg: Di
 
 def format_table(res: dict[str, Any], title: str = "") -> str:
     """A plain-text table of ``res`` (trained vs random init)."""
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, dict):
-            return f"{v['mean']:.1f} ± {v['ci95']:.1f}"
-        return f"{v:.1f}"
+    from episodic.eval.report import format_rows
 
     rows = []
     if "linear" in res:
         rows.append(("linear probe", res["linear"]["trained"], res["linear"]["random_init"]))
-    for k, v in res["fewshot"].items():
-        rows.append((k, v["trained"], v["random_init"]))
-    w = max(len(r[0]) for r in rows)
-    lines = [title] if title else []
-    lines.append(f"{'metric (%)':<{w}}  {'trained':>13}  {'random init':>13}")
-    lines += [f"{n:<{w}}  {cell(a):>13}  {cell(b):>13}" for n, a, b in rows]
-    return "\n".join(lines)
+    rows += [(k, v["trained"], v["random_init"]) for k, v in res["fewshot"].items()]
+    return format_rows(rows, title)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from episodic.errors import check
 from episodic.eval.features import extract_features, labelled
-from episodic.eval.linear import ProbeAugment, accuracy
+from episodic.eval.linear import ProbeAugment, accuracy, shuffled_batches
 
 if TYPE_CHECKING:
     from episodic.eval.context import EvalContext
@@ -78,13 +78,8 @@ def finetune(backbone: nn.Module, images: Tensor, labels: Tensor, n_classes: int
     n = len(labels)
     bs = min(batch_size, n)
     g = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(n, generator=g), 0
     with torch.enable_grad():
-        for _ in range(steps):
-            if pos + bs > n:
-                order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos : pos + bs]
-            pos += bs
+        for idx in shuffled_batches(n, bs, steps, g):
             x = aug(images[idx].to(device), g)
             loss = F.cross_entropy(model(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
