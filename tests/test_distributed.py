@@ -22,7 +22,7 @@ import re
 import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -222,12 +222,6 @@ def test_gather_is_identity_in_one_process() -> None:
 
 
 # ------------------------------------------------------------------ single process: accumulation, plans
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _one_step(tmp_path: Path, views: Tensor, *overrides: str) -> tuple[float, Tensor]:

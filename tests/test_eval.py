@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -32,18 +31,13 @@ from episodic.heads.base import HEADS
 from episodic.train import train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RUN = ["train.steps=20", "batch_size=64", "data.params.image_size=16", "data.augment.size=16",
        "eval.linear=false", "eval.baseline=false", "eval.knn_every=5", "eval.knn_unit=steps",
        "eval.plots=true", "eval.plot_points=120"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: one intra-op thread avoids thread hand-off overhead (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

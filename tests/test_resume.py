@@ -29,6 +29,8 @@ from episodic.engine import Trainer, newest_valid_checkpoint, prune_checkpoints
 from episodic.errors import EpisodicError
 from episodic.heads.base import HeadOutput
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = [*TINY, "head=r2d2", "batch_size=16", "backbone.params.width=8", "backbone.params.depth=2",
          "data.params.image_size=16", "data.augment.size=16", "train.log_every=1", "eval.knn_every=0",
          "eval.linear=false", "eval.baseline=false", "optim=adam"]
@@ -38,12 +40,6 @@ TOTAL = 30  # the killed run is stopped right after its step-4 checkpoint, far f
 KILL_STEPS = [f"train.steps={TOTAL}", "train.ckpt_every=2", "train.keep_last=3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen:

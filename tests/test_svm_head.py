@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -18,17 +17,10 @@ from episodic.solvers import kkt_residual, project_rows
 from episodic.solvers.fast import FastSolver
 from episodic.tasks import ViewSampler
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # cvxpylayers
+pytestmark = [pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"), pytest.mark.usefixtures("one_thread")]  # cvxpylayers
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "head" / "svm.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # qpth's many tiny batched products crawl when two OpenMP threads share busy cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_task(n_way: int, n_supp: int, d: int, episodes: int = 2,
