@@ -18,6 +18,7 @@ Formats read here (the real on-disk formats, no download needed when the files a
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,44 +222,24 @@ def imagefolder(root: str, image_size: int = 32, channels: int = 3, **_: Any) ->
     return Splits(read("train"), read("test"))
 
 
-@DATASETS.register("omniglot")
-def omniglot(**params: Any) -> Splits:
-    """Omniglot, Vinyals split by default (npz arrays or the original folders): :mod:`episodic.data.omniglot`."""
-    from episodic.data.omniglot import omniglot as build
+def _lazy(module: str, name: str, doc: str) -> Any:
+    """A builder that imports ``module`` only when dataset ``name`` is asked for."""
 
-    return build(**params)
+    def build(**params: Any) -> Splits:
+        return getattr(importlib.import_module(module), name)(**params)
 
-
-@DATASETS.register("cifar_fs")
-def cifar_fs(**params: Any) -> Splits:
-    """CIFAR-FS (64/16/20 classes of CIFAR-100): :mod:`episodic.data.fewshot_datasets`."""
-    from episodic.data.fewshot_datasets import cifar_fs as build
-
-    return build(**params)
+    build.__doc__ = doc
+    return build
 
 
-@DATASETS.register("fc100")
-def fc100(**params: Any) -> Splits:
-    """FC100 (60/20/20 classes of CIFAR-100 by superclass): :mod:`episodic.data.fewshot_datasets`."""
-    from episodic.data.fewshot_datasets import fc100 as build
-
-    return build(**params)
-
-
-@DATASETS.register("mini_imagenet")
-def mini_imagenet(**params: Any) -> Splits:
-    """mini-ImageNet via learn2learn from a local root: :mod:`episodic.data.fewshot_datasets`."""
-    from episodic.data.fewshot_datasets import mini_imagenet as build
-
-    return build(**params)
-
-
-@DATASETS.register("tiered_imagenet")
-def tiered_imagenet(**params: Any) -> Splits:
-    """tiered-ImageNet via learn2learn from a local root: :mod:`episodic.data.fewshot_datasets`."""
-    from episodic.data.fewshot_datasets import tiered_imagenet as build
-
-    return build(**params)
+for _name, _module, _doc in [
+    ("omniglot", "episodic.data.omniglot", "Omniglot, Vinyals split by default (npz arrays or the original folders)."),
+    ("cifar_fs", "episodic.data.fewshot_datasets", "CIFAR-FS (64/16/20 classes of CIFAR-100)."),
+    ("fc100", "episodic.data.fewshot_datasets", "FC100 (60/20/20 classes of CIFAR-100 by superclass)."),
+    ("mini_imagenet", "episodic.data.fewshot_datasets", "mini-ImageNet via learn2learn from a local root."),
+    ("tiered_imagenet", "episodic.data.fewshot_datasets", "tiered-ImageNet via learn2learn from a local root."),
+]:
+    DATASETS.register(_name)(_lazy(_module, _name, _doc))
 
 
 def build_dataset(name: str, **params: Any) -> Splits:
