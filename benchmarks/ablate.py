@@ -7,8 +7,11 @@
 The grid: heads {contrastive, protonet, r2d2, svm} x task rotation {off, on} x variants {none, debiased,
 t_kernel} x seeds, every run at the same budget (``--steps``, ``--seconds`` and/or ``--cpu-seconds``, as in
 ``benchmarks/omniglot_fewshot.py``, which runs each cell in its own process), plus the base configuration
-of every head (rotation off, no variant) at the fractions ``--budgets`` of the budget for the plot.
-Extra Hydra overrides after ``--`` go to every run (e.g. ``-- n_query=3 batch_size=128``).
+of every head (rotation off, no variant) at the fractions ``--budgets`` of the budget for the plot (or,
+with ``--curve K`` and no ``--budgets``, the 5-way 1-shot accuracy that each base run measures at K points
+of its own budget: no extra runs). Extra Hydra overrides after ``--`` go to every run (e.g.
+``-- n_query=3 batch_size=128``). ``--jobs N`` runs N cells at a time, each on ``cores / N`` threads
+(small Conv4 steps use two cores poorly, so two one-thread runs finish the grid sooner than one at a time).
 
 Incremental and resumable: a run whose ``OUT/<run>/result.json`` exists is skipped, so the grid can be
 run in pieces (``--max-runs``) and an interrupted grid continues where it stopped. Before running, every
@@ -29,10 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -160,6 +165,8 @@ def launch(cell: Cell, seed: int, fraction: float, args: argparse.Namespace, out
         cmd += ["--cpu-seconds", str(args.cpu_seconds * fraction)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.curve > 1 and fraction == 1.0 and not cell.rotation and cell.variant == "none":
+        cmd += ["--curve", str(args.curve)]
     cmd += [*cell.overrides(args.rotation_override), f"seed={seed}", *args.extra]
     print(f"[ablate] {rd.name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     t0 = time.perf_counter()
@@ -208,8 +215,22 @@ def display_command(argv: Sequence[str]) -> str:
     return " ".join(["python", "benchmarks/ablate.py", *(shlex.quote(a) for a in keep)])
 
 
+def curve_points(runs: dict[int, dict[str, Any]], field: str) -> tuple[list[float], list[float], list[float]]:
+    """Mean budget used, mean and 95% interval over seeds of 5-way 1-shot at each point of the runs' curves."""
+    key = {"training steps": "step", "training seconds": "seconds"}.get(field, "step")
+    n = min((len(r.get("curve", [])) for r in runs.values()), default=0)
+    xs, ys, es = [], [], []
+    for i in range(n):
+        pts = [r["curve"][i] for r in runs.values()]
+        v = [p["5way1shot"]["mean"] for p in pts]
+        h = t_half_width(v)
+        xs.append(mean([p[key] for p in pts])), ys.append(mean(v)), es.append(0.0 if math.isnan(h) else h)
+    return xs, ys, es
+
+
 def plot(path: Path, out: Path, heads: Sequence[str], seeds: Sequence[int], fractions: Sequence[float],
          budget_label: str) -> bool:
+    """5-way 1-shot against the budget per head: separate runs at ``fractions`` of it, or in-run curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,7 +240,9 @@ def plot(path: Path, out: Path, heads: Sequence[str], seeds: Sequence[int], frac
     drawn = False
     for head in heads:
         xs, ys, es = [], [], []
-        for f in sorted(fractions):
+        if len(fractions) == 1:  # no separate budget runs: the curves the full runs measured on the way
+            xs, ys, es = curve_points(load(out, Cell(head, False, "none"), seeds, 1.0), budget_label)
+        for f in sorted(fractions) if len(fractions) > 1 else []:
             runs = load(out, Cell(head, False, "none"), seeds, f)
             if not runs:
                 continue
@@ -328,9 +351,11 @@ def report(args: argparse.Namespace, cells: Sequence[Cell], skipped: dict[Cell, 
     label = "training steps" if args.steps else "training seconds" if args.seconds else "training CPU seconds"
     fractions = ", ".join(f"{f:g}" for f in sorted({*args.budgets, 1.0}))
     if plot(png, out, heads, args.seeds, sorted({*args.budgets, 1.0}), label):
+        how = (f"at {fractions} of the budget, each point its own run (cosine schedule over that budget)"
+               if args.budgets else "during its run (500 episodes per point, the last point is the final "
+               f"{args.episodes}-episode evaluation)")
         lines += ["## Accuracy against budget", "",
-                  f"Base configuration of each head (no rotation, no variant) at {fractions} "
-                  f"of the budget, each point its own run (cosine schedule over that budget).", "",
+                  f"Base configuration of each head (no rotation, no variant), 5-way 1-shot {how}.", "",
                   f"![5-way 1-shot accuracy against the budget]({png.name})", ""]
     missing = [(c, why) for c, why in skipped.items()]
     incomplete = [c for c in cells if c not in skipped and len(all_runs.get(c, {})) < len(args.seeds)]
@@ -363,6 +388,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--rotation-override", default=ROTATION, help="the override that turns task rotation on")
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.5],
                     help="extra budget fractions for the base configuration of every head (the plot)")
+    ap.add_argument("--curve", type=int, default=0,
+                    help="base runs evaluate 5-way 1-shot at this many points of their budget (the plot)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each on cores / jobs threads)")
     ap.add_argument("--episodes", type=int, default=2000)
     ap.add_argument("--margin", type=float, default=1.0, help="points within which two heads count as similar")
     ap.add_argument("--out", default="runs/ablate")
@@ -410,11 +438,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {run_dir(out, c, s, f).name}")
         return
     if not args.report_only:
-        for n, (c, s, f) in enumerate(todo):
-            if args.max_runs is not None and n >= args.max_runs:
-                print(f"[ablate] stopping after --max-runs {args.max_runs}; run again to continue", flush=True)
-                break
-            launch(c, s, f, args, out)
+        if args.max_runs is not None and len(todo) > args.max_runs:
+            print(f"[ablate] making {args.max_runs} of them (--max-runs); run again to continue", flush=True)
+            todo = todo[: args.max_runs]
+        if args.jobs > 1 and not args.threads:
+            args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each run is its own process
+            list(pool.map(lambda t: launch(*t, args, out), todo))
     print(report(args, cells, skipped, out, argv))
 
 

@@ -107,6 +107,12 @@ def test_options_val_rotations_invert_resize(omni_root: Path) -> None:
     # rotating after resizing is exact, so the resized rot090 class is rot90 of the resized rot000 class
     assert torch.equal(small.test.images[small.test.labels == 6],
                        torch.rot90(small.test.images[small.test.labels == 5], 1, (2, 3)))
+    # sharper training drawings: train at train_image_size, the evaluated split unchanged at image_size
+    sharp = build_dataset("omniglot", root=root, image_size=8, train_image_size=16)
+    assert torch.equal(sharp.train.images, resize_uint8(full.train.images, 16))
+    assert torch.equal(sharp.test.images, small.test.images) and torch.equal(sharp.test.labels, small.test.labels)
+    with pytest.raises(EpisodicError, match="train_image_size=2 is not allowed"):
+        build_dataset("omniglot", root=root, train_image_size=2)
 
 
 def test_folder_layout_matches_npz(omni_root: Path) -> None:
@@ -256,3 +262,21 @@ def test_report_from_results(tmp_path: Path) -> None:
     assert "- r2d2 + rotation: skipped, refused: a reason" in text
     assert (tmp_path / "docs" / "results_budget.png").stat().st_size > 1000
     assert (tmp_path / "docs" / "results.md").read_text() == text
+
+
+def test_plot_from_in_run_curves(tmp_path: Path) -> None:
+    """Without --budgets the plot uses the base runs' own curves: mean over seeds at each point."""
+    out = tmp_path / "grid"
+    cell = ablate.Cell("protonet", False, "none")
+    for s, accs in enumerate([(70.0, 80.0), (72.0, 84.0)]):
+        _fake_result(out, cell, s, accs[1])
+        p = ablate.run_dir(out, cell, s, 1.0) / "result.json"
+        r = json.loads(p.read_text())
+        r["curve"] = [{"step": 50, "seconds": 5.0, "5way1shot": {"mean": accs[0]}},
+                      {"step": 100, "seconds": 10.0, "5way1shot": {"mean": accs[1]}}]
+        p.write_text(json.dumps(r))
+    xs, ys, es = ablate.curve_points(ablate.load(out, cell, [0, 1], 1.0), "training steps")
+    assert xs == [50, 100] and ys == [71.0, 82.0]
+    assert es[1] == pytest.approx(ablate.t_half_width([80.0, 84.0]))
+    assert ablate.plot(tmp_path / "p.png", out, ["protonet"], [0, 1], [1.0], "training steps")
+    assert (tmp_path / "p.png").stat().st_size > 1000
