@@ -27,6 +27,9 @@ The result is a :class:`~episodic.data.datasets.Splits`: ``train`` holds the tra
 selection) with labels. Both share one class list (training classes first), so their labels never
 collide. Images are resized (antialiased bilinear) to ``image_size`` (28 in the literature) and, with
 ``invert`` (default), stored as ink = 255 on a black background, so zero padding matches the paper.
+``train_image_size`` (default: ``image_size``) stores the training drawings at a higher resolution, so
+that the training augmentation crops from sharp strokes and resizes each crop down to its ``size``
+(as a PIL pipeline that crops the 105 x 105 originals does); the evaluated split stays at ``image_size``.
 """
 
 from __future__ import annotations
@@ -217,7 +220,8 @@ def character_images(images: Tensor, rows: Sequence[Tensor], names: Sequence[str
 
 def omniglot(root: str = "../shared/data", split: str = "vinyals", splits_dir: str | None = None,
              eval_split: str = "test", image_size: int | None = 28, train_rotations: bool = False,
-             test_rotations: bool = True, invert: bool = True, format: str = "auto", **_: Any) -> Splits:
+             test_rotations: bool = True, invert: bool = True, format: str = "auto",
+             train_image_size: int | None = None, **_: Any) -> Splits:
     """Omniglot as :class:`Splits`: ``train`` = training characters, ``test`` = ``eval_split`` characters.
 
     ``splits_dir`` defaults to ``root/omniglot_vinyals``. See the module docstring for every option.
@@ -226,7 +230,10 @@ def omniglot(root: str = "../shared/data", split: str = "vinyals", splits_dir: s
     check(eval_split in ("test", "val"), f"data.params.eval_split={eval_split!r} is not allowed; use test or val")
     check(image_size is None or (isinstance(image_size, int) and image_size >= 4),
           f"data.params.image_size={image_size!r} is not allowed; use an integer >= 4 (28 in the literature)")
-    chars = load_characters(root, format, image_size, invert)
+    check(train_image_size is None or (isinstance(train_image_size, int) and train_image_size >= 4),
+          f"data.params.train_image_size={train_image_size!r} is not allowed; use null or an integer >= 4")
+    train_size = train_image_size or image_size
+    chars = load_characters(root, format, image_size if train_size == image_size else None, invert)
     if split == "lake":
         check(eval_split == "test",
               "data.params.eval_split=val needs split=vinyals (the Lake split has no val set)")
@@ -240,7 +247,9 @@ def omniglot(root: str = "../shared/data", split: str = "vinyals", splits_dir: s
         check(not overlap, f"characters {sorted(overlap)[:3]} are in both train.txt and {eval_split}.txt")
         train_rows = chars.select(train_names, "train.txt")
         eval_rows = chars.select(eval_names, f"{eval_split}.txt")
-    xtr, ytr, ctr = character_images(chars.images, train_rows, train_names, train_rotations)
-    xte, yte, cte = character_images(chars.images, eval_rows, eval_names, test_rotations, len(ctr))
+    # resized before rotating (no-ops when loaded at that size), so every option gives the same test images
+    xtr, ytr, ctr = character_images(_resize(chars.images, train_size), train_rows, train_names, train_rotations)
+    xte, yte, cte = character_images(_resize(chars.images, image_size), eval_rows, eval_names, test_rotations,
+                                     len(ctr))
     classes = ctr + cte
     return Splits(ArrayDataset(xtr, ytr, classes), ArrayDataset(xte, yte, classes))
