@@ -97,6 +97,7 @@ class EpisodicModel(nn.Module):
 
     def forward(self, episode: Any, aux: list[AuxBatch] | tuple = ()) -> HeadOutput:
         head = ScopedHead(self.head, self.scope) if self.scope is not None and self.scope.spans else self.head
+        self.method.world_size = self.scope.world_size if self.scope is not None else 1
         out = self.method(episode, head)
         self.last_query_labels = head.query_labels if isinstance(head, ScopedHead) else episode.query_labels
         extra = self.task.aux_loss(self.method.encoder, aux) if aux else None

@@ -94,9 +94,21 @@ def _grad_case(rank: int, head: str, params: dict[str, Any], ns: int, nq: int, n
     out = ddp(ViewSampler(ns, nq, model.scope.sampler_way)(views[:, rank * b : (rank + 1) * b]))
     out.loss.backward()
     grads = _grads(model)
-    return {"loss": float(distributed.reduce_mean(out.loss.detach())), "ref_loss": ref_loss,
-            "grad_diff": float((grads - ref_grads).abs().max()), "grad_max": float(ref_grads.abs().max()),
-            "spans": float(model.scope.spans)}
+    res = {"loss": float(distributed.reduce_mean(out.loss.detach())), "ref_loss": ref_loss,
+           "grad_diff": float((grads - ref_grads).abs().max()), "grad_max": float(ref_grads.abs().max()),
+           "spans": float(model.scope.spans)}
+    if method == "moco":  # a training forward enqueues: every rank's queue = the one-process queue
+        for m in (ref, model):
+            m.train()
+            for bn in m.modules():  # fixed BN statistics, so keys do not depend on the batch split
+                if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                    bn.eval()
+        with torch.no_grad():
+            ref(ViewSampler(ns, nq, ref.scope.sampler_way)(views))
+            ddp(ViewSampler(ns, nq, model.scope.sampler_way)(views[:, rank * b : (rank + 1) * b]))
+        res["queue_diff"] = float((model.method.queue - ref.method.queue).abs().max())
+        res["queue_ptr"] = float(model.method.queue_ptr)
+    return res
 
 
 def _local_only_gather(x: Tensor) -> Tensor:
@@ -178,6 +190,8 @@ def test_other_layouts_equal_one_process(ranks: Any, case: str) -> None:
         r = res[case]
         assert r["spans"] == (1.0 if case.endswith("_global") else 0.0)
         assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 and r["grad_diff"] <= 1e-5, r
+        if case.startswith("moco"):  # the keys of both processes were enqueued, in one-process order
+            assert r["queue_diff"] <= 1e-5 and r["queue_ptr"] == B, r
 
 
 def test_a_gather_without_summed_backward_is_caught(ranks: Any) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from episodic import distributed
 from episodic.errors import check
 from episodic.heads.base import Head, HeadOutput
 from episodic.heads.variants.base import head_name
@@ -88,8 +89,9 @@ class MoCo(Method):
                                       n_supp=episode.n_query, n_query=episode.n_supp)
             out2 = head(self._embed(swapped, head), memory=memory)
             out = HeadOutput(loss=out.loss + out2.loss, logits=out.logits, extras=out.extras)
-        if self.training and self.queue_size:
-            self.enqueue(emb.support.reshape(-1, emb.support.shape[-1]))
+        if self.training and self.queue_size:  # every process enqueues the keys of all processes
+            keys = emb.support.reshape(-1, emb.support.shape[-1])
+            self.enqueue(distributed.gather_no_grad(keys).flatten(0, 1) if self.world_size > 1 else keys)
         return out
 
     @torch.no_grad()
