@@ -90,6 +90,8 @@ class EpisodicModel(nn.Module):
     def __init__(self, method: Method, head: Head, task: TaskPipeline | None = None) -> None:
         super().__init__()
         self.method, self.head = method, head
+        if not method.trains_head:  # e.g. BYOL: the loss never reaches the head's parameters
+            head.requires_grad_(False)
         self.task = task if task is not None else TaskPipeline()
         # set by the trainer; episodes spanning processes wrap the head in a ScopedHead (tasks/scope.py)
         self.scope: ScopePlan | None = None
@@ -99,7 +101,8 @@ class EpisodicModel(nn.Module):
         head = ScopedHead(self.head, self.scope) if self.scope is not None and self.scope.spans else self.head
         self.method.world_size = self.scope.world_size if self.scope is not None else 1
         out = self.method(episode, head)
-        self.last_query_labels = head.query_labels if isinstance(head, ScopedHead) else episode.query_labels
+        scoped = head.query_labels if isinstance(head, ScopedHead) else None  # None: the head was not called
+        self.last_query_labels = scoped if scoped is not None else episode.query_labels
         extra = self.task.aux_loss(self.method.encoder, aux) if aux else None
         return out if extra is None else HeadOutput(out.loss + extra, out.logits, out.extras)
 

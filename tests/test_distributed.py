@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
 import socket
@@ -129,7 +130,12 @@ def _trainer_case(rank: int, run_dir: Path) -> dict[str, Any]:
     # resume=auto under DDP: every rank gets the model and ITS OWN random streams back
     again = Trainer(make_cfg(*TINY, "head=r2d2", "train.steps=2", "resume=auto"), run_dir)
     flat_again = torch.cat([p.detach().flatten() for p in again.model.parameters()])
-    return {"params_equal": bool(torch.equal(both[0], both[1])), "history": trainer.history,
+    # BYOL's loss never reaches the head (r2d2 has a learnable scale): DDP must not wait for its gradient,
+    # and its accuracy (queries scored by the head, not through the scoped head) uses the local labels
+    byol = Trainer(make_cfg(*TINY, "head=r2d2", "method=byol", "train.steps=2", "train.log_every=2",
+                            "eval.knn_every=0"), run_dir.parent / "byol")
+    byol.fit()
+    return {"byol": byol.history, "params_equal": bool(torch.equal(both[0], both[1])), "history": trainer.history,
             "local_batch": trainer.scope.local_batch,
             "ddp": isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel),
             "resumed_step": again.step, "resumed_params": bool(torch.equal(flat_again, flat)),
@@ -208,6 +214,9 @@ def test_trainer_under_ddp_stays_in_sync_and_only_rank0_writes(ranks: Any) -> No
         assert t["ddp"] and t["params_equal"] and t["local_batch"] == 16
         assert t["resumed_step"] == 2 and t["resumed_params"] and t["resumed_generator"]
         assert [h["step"] for h in t["history"]] == [1, 2]
+    for res in results:
+        (rec,) = res["trainer"]["byol"]
+        assert rec["step"] == 2 and math.isfinite(rec["loss"]) and 0.0 <= rec["acc"] <= 1.0
     # the logged loss is the mean over ranks, so both ranks log the same numbers
     assert results[0]["trainer"]["history"][1]["loss"] == results[1]["trainer"]["history"][1]["loss"]
     run = out / "run"

@@ -23,7 +23,14 @@ METHODS: Registry[type["Method"]] = Registry("method", "episodic.methods")
 
 
 class Method(nn.Module):
-    """Base pairing: ``forward(episode_of_images, head) -> HeadOutput``."""
+    """Base pairing: ``forward(episode_of_images, head) -> HeadOutput``.
+
+    ``trains_head = False`` marks pairings whose loss does not go through the head (BYOL only scores
+    queries with it for the accuracy readout): the model then freezes the head's parameters, so that
+    DDP and the optimizer never wait for gradients that cannot come.
+    """
+
+    trains_head = True
 
     def __init__(self, encoder: Encoder, **_: Any) -> None:
         super().__init__()

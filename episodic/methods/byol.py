@@ -46,6 +46,7 @@ class BYOL(Method):
     """Online encoder + predictor for queries, momentum target for the support set, no negatives."""
 
     negatives = False
+    trains_head = False  # the head only scores queries for the accuracy readout
 
     def __init__(self, encoder: Encoder, momentum: float = 0.996, momentum_schedule: str = "cosine",
                  predictor_hidden: int = 512, symmetric: bool = True, **_: Any) -> None:
