@@ -200,16 +200,17 @@ def acc(runs: dict[int, dict[str, Any]], setting: str = "5way1shot", field: str 
 
 
 def display_command(argv: Sequence[str]) -> str:
-    """The invocation without the options that only decide how much runs now (same report either way)."""
+    """The invocation without the options that only decide how much runs now and how many at a time
+    (``--max-runs``, ``--jobs``, ``--report-only``, ``--dry-run``: the same report either way)."""
     keep, skip = [], 0
     for a in argv:
         if skip:
             skip -= 1
             continue
-        if a in ("--max-runs",):
+        if a in ("--max-runs", "--jobs"):
             skip = 1
             continue
-        if a in ("--report-only", "--dry-run") or a.startswith("--max-runs="):
+        if a in ("--report-only", "--dry-run") or a.startswith(("--max-runs=", "--jobs=")):
             continue
         keep.append(a)
     return " ".join(["python", "benchmarks/ablate.py", *(shlex.quote(a) for a in keep)])

@@ -251,8 +251,9 @@ def test_report_from_results(tmp_path: Path) -> None:
                               "--doc", str(tmp_path / "docs" / "results.md"), "--report-only", "--", "n_query=2"])
     skipped = {ablate.Cell("r2d2", True, "none"): "refused: a reason"}
     cells = [c, r, cr, ablate.Cell("r2d2", True, "none")]
-    text = ablate.report(args, cells, skipped, out, ["--steps", "100", "--report-only", "--max-runs", "3"])
-    assert "python benchmarks/ablate.py --steps 100\n" in text  # --report-only / --max-runs are not part of it
+    text = ablate.report(args, cells, skipped, out, ["--steps", "100", "--report-only", "--max-runs", "3",
+                                                      "--jobs", "2"])
+    assert "python benchmarks/ablate.py --steps 100\n" in text  # --report-only, --max-runs, --jobs are not in it
     assert "test on the 1692 classes of the Vinyals test split (conv4 backbone)" in text
     hw = ablate.t_half_width([85.0, 86.0, 84.0])
     assert f"| contrastive | 3 | 100 | 10 | 85.0 ± {hw:.1f} | 86.0 ± {hw:.1f} |" in text
