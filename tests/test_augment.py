@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from episodic.data.augment import AugmentConfig, BatchAugment, multi_view, pil_transform
+from episodic.data.augment import AugmentConfig, BatchAugment, affine, multi_view, pil_transform
 from episodic.errors import EpisodicError
 
 IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
@@ -278,6 +278,49 @@ def test_pil_transform_same_pipeline():
         again = t(Image.fromarray(arr, mode))
         assert out.shape == (c, 24, 24) and out.dtype == torch.float32 and torch.equal(out, again)
         assert out.min() >= -1.0 and out.max() <= 1.0
+
+
+# --- random affine ------------------------------------------------------------------------------------
+
+
+def test_affine_turns_and_shifts_exactly():
+    x = torch.rand(3, 2, 7, 7, generator=_gen(4))
+    zero = torch.zeros(3)
+    torch.testing.assert_close(affine(x, torch.full((3,), 90.0), zero, torch.zeros(3, 2)),
+                               torch.rot90(x, 1, (2, 3)), atol=1e-6, rtol=0)  # counter-clockwise
+    torch.testing.assert_close(affine(x, zero, zero, torch.zeros(3, 2)), x, atol=1e-6, rtol=0)
+    # +1 pixel right, +2 pixels down, zero fill where nothing comes in
+    moved = affine(x, zero, zero, torch.tensor([[1 / 7, 2 / 7]]).expand(3, 2))
+    want = torch.zeros_like(x)
+    want[..., 2:, 1:] = x[..., :-2, :-1]
+    torch.testing.assert_close(moved, want, atol=1e-6, rtol=0)
+    # a 45-degree x-shear keeps the centre row and slides the row k pixels below it by k pixels:
+    # output (x, y) reads input (x - y, y), y counted from the centre row
+    sheared = affine(x, zero, torch.full((3,), 45.0), torch.zeros(3, 2))
+    torch.testing.assert_close(sheared[..., 3, :], x[..., 3, :], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sheared[..., 0, :4], x[..., 0, 3:], atol=1e-6, rtol=0)  # 3 rows up: +3
+    torch.testing.assert_close(sheared[..., 6, 3:], x[..., 6, :4], atol=1e-6, rtol=0)  # 3 rows down: -3
+
+
+def test_affine_draws_only_when_on_and_an_identity_affine_changes_nothing():
+    x = _images(16, 1, 28, 28)
+    base = BatchAugment(AugmentConfig(size=20, hflip=0.5, jitter_p=0.0, gray_p=0.0))
+    assert "affine" not in base.sample_params(4, 28, 28, _gen(0))
+    ident = BatchAugment(AugmentConfig(size=20, hflip=0.5, jitter_p=0.0, gray_p=0.0, affine_p=1.0))
+    torch.testing.assert_close(ident(x, _gen(5)), base(x, _gen(5)), atol=1e-6, rtol=0)
+    on = AugmentConfig(size=20, jitter_p=0.0, gray_p=0.0, affine_p=0.5, degrees=15, shear=10, translate=0.1)
+    p = BatchAugment(on).sample_params(4000, 28, 28, _gen(6))
+    assert 0.45 < p["affine"].float().mean() < 0.55
+    assert p["angle"].abs().max() <= 15 and p["angle"].abs().max() > 14.5 and abs(p["angle"].mean()) < 0.5
+    assert p["shear"].abs().max() <= 10 and p["shift"].abs().max() <= 0.1 and p["shift"].abs().max() > 0.099
+    views = BatchAugment(on)(x, _gen(7))
+    assert views.shape == (16, 1, 20, 20) and 0 <= views.min() and views.max() <= 1
+    with pytest.raises(EpisodicError, match="augment.affine_p is a probability"):
+        AugmentConfig(affine_p=1.5)
+    with pytest.raises(EpisodicError, match="augment.shear must be below 90"):
+        AugmentConfig(shear=95)
+    t = pil_transform(on)  # the torchvision path has the same step
+    assert "RandomAffine" in repr(t) and t(Image.fromarray(x[0, 0].numpy(), "L")).shape == (1, 20, 20)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

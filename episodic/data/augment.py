@@ -19,7 +19,12 @@ Two paths share one :class:`AugmentConfig`:
     applies each op to the sub-batch whose permutation puts that op at that step;
   - grayscale uses ITU-R 601 luma (0.299, 0.587, 0.114), as PIL's ``convert("L")``;
   - Gaussian blur is separable, per-sample sigma, reflect padding (``torchvision`` semantics);
-  - solarize maps ``x >= threshold`` to ``1 - x``.
+  - solarize maps ``x >= threshold`` to ``1 - x``;
+  - random affine (``affine_p``, right after the crop, before the colour ops): rotation by
+    ``U(-degrees, degrees)``, x-shear by ``U(-shear, shear)`` degrees and a translation of
+    ``U(-translate, translate)`` of the side in x and y, as ``torchvision.transforms.RandomAffine``
+    with zero fill; one batched ``affine_grid`` + bilinear ``grid_sample``. Its parameters are drawn
+    only when ``affine_p > 0``, so configurations without it draw exactly the same numbers as before.
 
   All random parameters are drawn on the CPU (from ``generator``, a CPU ``torch.Generator``, or the
   global CPU RNG) and then moved to the input's device, so a seed gives the same augmentation on
@@ -50,7 +55,7 @@ from torch import Tensor, nn
 
 from episodic.errors import EpisodicError, check
 
-__all__ = ["AugmentConfig", "BatchAugment", "multi_view", "pil_transform", "blur_kernel_size"]
+__all__ = ["AugmentConfig", "BatchAugment", "affine", "multi_view", "pil_transform", "blur_kernel_size"]
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 _N_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 times before its fallback
@@ -91,6 +96,10 @@ class AugmentConfig:
     blur_kernel: int | None = None
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
+    affine_p: float = 0.0
+    degrees: float = 0.0
+    shear: float = 0.0
+    translate: float = 0.0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -108,7 +117,12 @@ class AugmentConfig:
               f"augment.blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
         check(self.interpolation in ("bicubic", "bilinear"),
               f"augment.interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
-        for name in ("hflip", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+        for name in ("degrees", "shear", "translate"):
+            check(getattr(self, name) >= 0, f"augment.{name} must be >= 0, got {getattr(self, name)!r}")
+        check(self.shear < 90 and self.translate <= 1,
+              f"augment.shear must be below 90 degrees and augment.translate at most 1 (a fraction of the "
+              f"side), got {self.shear!r}, {self.translate!r}")
+        for name in ("hflip", "jitter_p", "gray_p", "blur_p", "solarize_p", "affine_p"):
             p = getattr(self, name)
             check(0.0 <= p <= 1.0, f"augment.{name} is a probability in [0, 1], got {p!r}")
         for name in ("brightness", "contrast", "saturation"):
@@ -382,9 +396,15 @@ class BatchAugment(nn.Module):
         lo, hi = cfg.blur_sigma
         sigma = (lo + (hi - lo) * rand(B)).float()
         solarize = rand(B) < cfg.solarize_p
+        extra = {}
+        if cfg.affine_p > 0:  # drawn last and only when on: other configurations keep their streams
+            extra["affine"] = rand(B) < cfg.affine_p
+            extra["angle"] = (cfg.degrees * (2.0 * rand(B) - 1.0)).float()
+            extra["shear"] = (cfg.shear * (2.0 * rand(B) - 1.0)).float()
+            extra["shift"] = (cfg.translate * (2.0 * rand(B, 2) - 1.0)).float()
 
         return dict(top=top, left=left, height=ch, width=cw, flip=flip, jitter=jitter, order=order,
-                    gray=gray, blur=blur, sigma=sigma, solarize=solarize, **factors)
+                    gray=gray, blur=blur, sigma=sigma, solarize=solarize, **factors, **extra)
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -407,6 +427,11 @@ class BatchAugment(nn.Module):
         wx = _crop_weights(crop[:, 1], crop[:, 3], crop[:, 4], W, S, cfg.interpolation)
         out = torch.einsum("bth,bchs->bcts", wy, torch.einsum("bchw,bsw->bchs", img, wx))
         out = out.clamp_(0.0, 1.0).contiguous()
+
+        if "affine" in p and bool(p["affine"].any()):
+            idx = p["affine"].nonzero().squeeze(1)
+            sub = affine(out.index_select(0, idx.to(dev)), p["angle"][idx], p["shear"][idx], p["shift"][idx])
+            out.index_copy_(0, idx.to(dev), sub)
 
         # Colour jitter: at step k, op j runs on the samples whose permutation has j at position k.
         active = [j for j, name in enumerate(_JITTER_OPS)
@@ -445,6 +470,27 @@ class BatchAugment(nn.Module):
         return out
 
 
+def affine(img: Tensor, angle: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
+    """Rotate ``img [B, C, S, S]`` by ``angle`` degrees (counter-clockwise), x-shear by ``shear`` degrees
+    and shift by ``shift [B, 2]`` (x, y, fractions of the side) about the centre; zero fill, bilinear.
+
+    The output pixel at centred coordinates ``u`` reads the input at ``M^-1 (u - t)`` with
+    ``M = R(angle) Sh(shear)`` (torchvision's ``RandomAffine`` convention, y pointing down), computed
+    as one ``affine_grid`` + ``grid_sample`` for the batch. Pixel centres map to pixel centres
+    (``align_corners=False``), so a 90-degree turn or a whole-pixel shift is exact.
+    """
+    a = torch.deg2rad(angle.double())
+    sh = torch.deg2rad(shear.double())
+    cos, sin, tan = torch.cos(a), torch.sin(a), torch.tan(sh)
+    # M = R @ Sh with R = [[cos, sin], [-sin, cos]] (counter-clockwise on screen, y down) and Sh = [[1, tan], [0, 1]]
+    m = torch.stack([torch.stack([cos, cos * tan + sin], -1), torch.stack([-sin, -sin * tan + cos], -1)], -2)
+    inv = torch.linalg.inv(m)  # [B, 2, 2]
+    t = 2.0 * shift.double()  # fractions of the side -> normalised [-1, 1] coordinates
+    theta = torch.cat([inv, -(inv @ t.unsqueeze(-1))], -1).to(img.dtype).to(img.device)
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def multi_view(aug: BatchAugment, x: Tensor, n_views: int,
                generator: torch.Generator | None = None) -> Tensor:
     """``n_views`` independent augmentations of the batch ``x``: ``[n_views, B, C, size, size]``,
@@ -472,6 +518,9 @@ def pil_transform(cfg: AugmentConfig | None = None) -> Callable[[Any], Tensor]:
                                             interpolation=interp[cfg.interpolation])]
     if cfg.hflip > 0:
         steps.append(T.RandomHorizontalFlip(cfg.hflip))
+    if cfg.affine_p > 0:
+        shift = (cfg.translate, cfg.translate) if cfg.translate > 0 else None
+        steps.append(T.RandomApply([T.RandomAffine(cfg.degrees, shift, shear=cfg.shear or None)], p=cfg.affine_p))
     if cfg.jitter_p > 0 and any(getattr(cfg, n) > 0 for n in _JITTER_OPS):
         jitter = T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
         steps.append(T.RandomApply([jitter], p=cfg.jitter_p))
