@@ -429,7 +429,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         (out / "skipped.json").write_text(json.dumps({c.tag: why for c, why in skipped.items()}, indent=1))
-    todo = [(c, s, 1.0) for s in args.seeds for c in cells if c not in skipped]
+    # seed by seed; within a seed the base cells (no variant) first, so a grid cut short still has
+    # the most seeds where the head and rotation claims are decided
+    todo = [(c, s, 1.0) for s in args.seeds for c in sorted(cells, key=lambda c: c.variant != "none")
+            if c not in skipped]
     todo += [(Cell(h, False, "none"), s, f) for f in sorted(set(args.budgets) - {1.0}) for s in args.seeds
              for h in args.heads if Cell(h, False, "none") not in skipped]
     todo = [t for t in todo if not (run_dir(out, *t) / "result.json").exists()]
