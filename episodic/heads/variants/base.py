@@ -29,21 +29,24 @@ from episodic.registry import Registry
 VARIANTS: Registry[type[Variant]] = Registry("variant", "episodic.heads.variants")
 
 
-def head_name(head: Head) -> str:
-    """The registry name of ``head``'s class (its class name if unregistered)."""
-    for name in HEADS.names():
-        if HEADS.get(name) is type(head):
+def registered_name(registry: Registry[Any], obj: Any) -> str:
+    """The name under which ``obj``'s class is registered in ``registry`` (its class name if none)."""
+    for name in registry.names():
+        if registry.get(name) is type(obj):
             return name
-    return type(head).__name__
+    return type(obj).__name__
+
+
+def head_name(head: Head) -> str:
+    """The registry name of ``head``'s class (``head=...`` in configs and messages)."""
+    return registered_name(HEADS, head)
 
 
 def method_name(method: Any) -> str:
+    """The registry name of ``method``'s class (``method=...`` in configs and messages)."""
     from episodic.methods import METHODS
 
-    for name in METHODS.names():
-        if METHODS.get(name) is type(method):
-            return name
-    return type(method).__name__
+    return registered_name(METHODS, method)
 
 
 class Variant(nn.Module):
