@@ -67,10 +67,13 @@ def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -87,12 +90,12 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(args.rounds):
             for k, fn in steps.items():
-                times[k].append(timed(fn))
+                times[k].append(timed(fn, CLOCKS[args.clock]))
     bare_med = statistics.median(times["bare"])
     rows = []
     for h in heads:
         per_round = [a / b for a, b in zip(times[h], times["bare"])]
-        rows.append({"backbone": backbone, "head": h, "batch": args.batch, "views": 2,
+        rows.append({"backbone": backbone, "head": h, "batch": args.batch, "views": 2, "clock": args.clock,
                      "input": f"{args.channels}x{args.size}x{args.size}", "rounds": args.rounds,
                      "bare_ms": 1000 * bare_med, "step_ms": 1000 * statistics.median(times[h]),
                      "ratio": statistics.median(times[h]) / bare_med,
@@ -108,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=20, help="timed steps per head (median)")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, steady on a "
+                         "machine shared with other jobs)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
@@ -122,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for bb in args.backbones:
         rows += measure(bb, heads, args)
-    print(f"batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, torch threads "
-          f"{torch.get_num_threads()}, {args.rounds} interleaved rounds (median)")
+    print(f"batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, {args.clock} clock, "
+          f"torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median)")
     print(f"{'backbone':<12} {'head':<12} {'bare ms':>9} {'step ms':>9} {'ratio':>7} {'per-round':>9}")
     for r in rows:
         flag = "" if r["head"] == "svm" or r["ratio"] <= 1.05 else "  (> 1.05)"

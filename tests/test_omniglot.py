@@ -281,3 +281,18 @@ def test_plot_from_in_run_curves(tmp_path: Path) -> None:
     assert es[1] == pytest.approx(ablate.t_half_width([80.0, 84.0]))
     assert ablate.plot(tmp_path / "p.png", out, ["protonet"], [0, 1], [1.0], "training steps")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_step_overhead_benchmark_runs_and_reports_ratios(tmp_path: Path) -> None:
+    """benchmarks/step_overhead.py on a tiny encoder: a bare step and each head's step, both clocks."""
+    import step_overhead
+
+    out = tmp_path / "rows.json"
+    step_overhead.main(["--backbones", "conv4", "--heads", "protonet", "r2d2", "--batch", "8", "--size", "16",
+                        "--channels", "1", "--rounds", "2", "--warmup", "1", "--clock", "cpu", "--threads", "1",
+                        "--json", str(out), "backbone.params.width=8", "backbone.projector.hidden_dim=16"])
+    rows = json.loads(out.read_text())
+    assert [(r["backbone"], r["head"], r["clock"]) for r in rows] == [("conv4", "protonet", "cpu"),
+                                                                       ("conv4", "r2d2", "cpu")]
+    for r in rows:
+        assert r["bare_ms"] > 0 and r["step_ms"] > 0 and r["ratio"] == pytest.approx(r["step_ms"] / r["bare_ms"])
