@@ -241,9 +241,11 @@ def plot(path: Path, out: Path, heads: Sequence[str], seeds: Sequence[int], frac
     drawn = False
     for head in heads:
         xs, ys, es = [], [], []
-        if len(fractions) == 1:  # no separate budget runs: the curves the full runs measured on the way
+        # no separate budget runs: the curves the full runs measured on the way
+        curves = len(fractions) == 1
+        if curves:
             xs, ys, es = curve_points(load(out, Cell(head, False, "none"), seeds, 1.0), budget_label)
-        for f in sorted(fractions) if len(fractions) > 1 else []:
+        for f in [] if curves else sorted(fractions):
             runs = load(out, Cell(head, False, "none"), seeds, f)
             if not runs:
                 continue

@@ -93,13 +93,23 @@ class EpisodicModel(nn.Module):
         if not method.trains_head:  # e.g. BYOL: the loss never reaches the head's parameters
             head.requires_grad_(False)
         self.task = task if task is not None else TaskPipeline()
-        # set by the trainer; episodes spanning processes wrap the head in a ScopedHead (tasks/scope.py)
-        self.scope: ScopePlan | None = None
+        self.scope = None  # set by the trainer (see the property)
         self.last_query_labels: Tensor | None = None  # labels of the queries the last forward scored
+
+    @property
+    def scope(self) -> ScopePlan | None:
+        """The episode layout over processes; episodes spanning processes wrap the head in a
+        :class:`ScopedHead` (tasks/scope.py). Setting it also tells the method how many processes
+        train together (``Method.world_size``)."""
+        return self._scope
+
+    @scope.setter
+    def scope(self, plan: ScopePlan | None) -> None:
+        self._scope = plan
+        self.method.world_size = plan.world_size if plan is not None else 1
 
     def forward(self, episode: Any, aux: list[AuxBatch] | tuple = ()) -> HeadOutput:
         head = ScopedHead(self.head, self.scope) if self.scope is not None and self.scope.spans else self.head
-        self.method.world_size = self.scope.world_size if self.scope is not None else 1
         out = self.method(episode, head)
         scoped = head.query_labels if isinstance(head, ScopedHead) else None  # None: the head was not called
         self.last_query_labels = scoped if scoped is not None else episode.query_labels

@@ -430,8 +430,8 @@ class BatchAugment(nn.Module):
 
         if "affine" in p and bool(p["affine"].any()):
             idx = p["affine"].nonzero().squeeze(1)
-            sub = affine(out.index_select(0, idx.to(dev)), p["angle"][idx], p["shear"][idx], p["shift"][idx])
-            out.index_copy_(0, idx.to(dev), sub)
+            at = idx.to(dev)
+            out.index_copy_(0, at, affine(out.index_select(0, at), p["angle"][idx], p["shear"][idx], p["shift"][idx]))
 
         # Colour jitter: at step k, op j runs on the samples whose permutation has j at position k.
         active = [j for j, name in enumerate(_JITTER_OPS)
@@ -486,7 +486,7 @@ def affine(img: Tensor, angle: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
     m = torch.stack([torch.stack([cos, cos * tan + sin], -1), torch.stack([-sin, -sin * tan + cos], -1)], -2)
     inv = torch.linalg.inv(m)  # [B, 2, 2]
     t = 2.0 * shift.double()  # fractions of the side -> normalised [-1, 1] coordinates
-    theta = torch.cat([inv, -(inv @ t.unsqueeze(-1))], -1).to(img.dtype).to(img.device)
+    theta = torch.cat([inv, -(inv @ t.unsqueeze(-1))], -1).to(img.device, img.dtype)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

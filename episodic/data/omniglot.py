@@ -198,16 +198,17 @@ def read_split_list(path: str | Path) -> list[str]:
 
 
 def character_images(images: Tensor, rows: Sequence[Tensor], names: Sequence[str], rotations: bool,
-                     label_offset: int = 0) -> tuple[Tensor, Tensor, list[str]]:
+                     label_offset: int = 0, size: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """Images ``uint8 [N, 1, S, S]``, labels and class names of the characters whose drawings are ``rows``.
 
-    Without ``rotations`` character ``i`` is class ``label_offset + i``; with it, character ``i`` at
+    The selected drawings are resized to ``size`` (``None``: as stored) before any rotation. Without
+    ``rotations`` character ``i`` is class ``label_offset + i``; with it, character ``i`` at
     ``ROTATIONS[r]`` degrees (counter-clockwise) is class ``label_offset + 4 i + r``, named
     ``<name>/rotDDD``. Rows are class-major, drawings in drawer order.
     """
     counts = torch.tensor([len(r) for r in rows], dtype=torch.long)
     idx = torch.cat(list(rows)) if len(rows) else torch.empty(0, dtype=torch.long)
-    x = images.index_select(0, idx)
+    x = _resize(images.index_select(0, idx), size)
     char = torch.repeat_interleave(torch.arange(len(rows)), counts)
     if not rotations:
         return x, char + label_offset, list(names)
@@ -247,9 +248,8 @@ def omniglot(root: str = "../shared/data", split: str = "vinyals", splits_dir: s
         check(not overlap, f"characters {sorted(overlap)[:3]} are in both train.txt and {eval_split}.txt")
         train_rows = chars.select(train_names, "train.txt")
         eval_rows = chars.select(eval_names, f"{eval_split}.txt")
-    # resized before rotating (no-ops when loaded at that size), so every option gives the same test images
-    xtr, ytr, ctr = character_images(_resize(chars.images, train_size), train_rows, train_names, train_rotations)
-    xte, yte, cte = character_images(_resize(chars.images, image_size), eval_rows, eval_names, test_rotations,
-                                     len(ctr))
+    # each split resized before rotating (no-ops when loaded at that size): every option, same test images
+    xtr, ytr, ctr = character_images(chars.images, train_rows, train_names, train_rotations, size=train_size)
+    xte, yte, cte = character_images(chars.images, eval_rows, eval_names, test_rotations, len(ctr), image_size)
     classes = ctr + cte
     return Splits(ArrayDataset(xtr, ytr, classes), ArrayDataset(xte, yte, classes))

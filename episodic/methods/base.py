@@ -4,7 +4,7 @@ A :class:`Method` owns the trainable encoder (and any predictor or momentum copy
 episode of images plus a head to a :class:`~episodic.heads.base.HeadOutput`. ``simclr`` uses one
 encoder for support and query; MoCo- and BYOL-style pairings add momentum encoders and queues
 in their own modules. ``after_step`` runs once per optimizer step (momentum updates).
-``world_size`` (set by the model from its task scope) is the number of processes training together:
+``world_size`` (set by the model when its task scope is set) is the number of processes training together:
 state shared across the batch, like MoCo's queue, gathers from all of them when it is above 1.
 """
 
