@@ -289,7 +289,7 @@ class Trainer:
         self.model, self.sync_bn = distributed.convert_sync_batchnorm(self.model, cfg.get("sync_bn", "auto"),
                                                                       self.dist)
         self.precision = resolve_precision(cfg.get("precision", 32), self.device)
-        self.channels_last = bool(cfg.get("channels_last", True)) and self.device.type == "cuda"
+        self.channels_last = bool(cfg.get("channels_last", True))
         if self.channels_last:
             use_channels_last(self.model)
         self.train_model: nn.Module = self.model  # what train_step calls: DDP wrapper under several processes
@@ -367,9 +367,8 @@ class Trainer:
             with self.autocast():
                 out = self.train_model(episode, aux)
             loss = out.loss.float()
-            finite = self.check_finite(loss)
-            if finite:
-                self.scaler.scale(loss / self.accu_iter).backward()
+            self.scaler.scale(loss / self.accu_iter).backward()
+        finite = self.check_finite(loss)  # after backward: on CUDA the host waits once, at the end of the step
         with torch.no_grad():
             acc = (out.logits.argmax(-1) == self.model.last_query_labels).float().mean()
         self.last_scores = (out.logits.detach(), self.model.last_query_labels, out.extras)  # for log_scores
