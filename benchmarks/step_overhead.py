@@ -34,14 +34,14 @@ from episodic.cli import CONFIG_DIR
 
 
 def make_trainer(head: str, backbone: str, batch: int, channels: int, size: int, tmp: str,
-                 extra: Sequence[str]) -> Any:
+                 extra: Sequence[str], device: str = "cpu") -> Any:
     from hydra import compose, initialize_config_dir
 
     from episodic.engine import Trainer
 
     overrides = [f"head={head}", f"backbone={backbone}", "data=digits", f"data.channels={channels}",
                  f"data.augment.size={size}", f"batch_size={batch}", "n_supp=1", "n_query=1", "train.steps=100000",
-                 "train.progress=false", "device=cpu", *extra]
+                 "train.progress=false", f"device={device}", *extra]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     return Trainer(cfg, tmp)
@@ -55,6 +55,8 @@ def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
     params = dict(trainer.cfg.optim.optimizer)
     opt = build_optimizer(encoder, **params)
     flat = views.flatten(0, 1)
+    if trainer.channels_last:  # the trainer's encoder runs NHWC on CUDA: the bare step does too
+        flat = flat.contiguous(memory_format=torch.channels_last)
     b = views.shape[1]
 
     def step() -> None:
@@ -70,18 +72,24 @@ def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> float:
+def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter, sync: bool = False) -> float:
+    """Seconds of one call of ``fn``; ``sync``: wait for the GPU's queued work before reading the clock."""
+    if sync:
+        torch.cuda.synchronize()
     t0 = clock()
     fn()
+    if sync:
+        torch.cuda.synchronize()
     return clock() - t0
 
 
 def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
-    views = torch.rand(2, args.batch, args.channels, args.size, args.size, generator=g)
+    views = torch.rand(2, args.batch, args.channels, args.size, args.size, generator=g).to(args.device)
+    sync = torch.device(args.device).type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {h: make_trainer(h, backbone, args.batch, args.channels, args.size, tmp, args.extra)
-                    for h in heads}
+        trainers = {h: make_trainer(h, backbone, args.batch, args.channels, args.size, tmp, args.extra,
+                                    args.device) for h in heads}
         bare = bare_step_fn(next(iter(trainers.values())), views)
         steps = {"bare": bare, **{h: (lambda t=t: t.train_step(views)) for h, t in trainers.items()}}
         for _ in range(args.warmup):
@@ -90,12 +98,13 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(args.rounds):
             for k, fn in steps.items():
-                times[k].append(timed(fn, CLOCKS[args.clock]))
+                times[k].append(timed(fn, CLOCKS[args.clock], sync))
     bare_med = statistics.median(times["bare"])
     rows = []
     for h in heads:
         per_round = [a / b for a, b in zip(times[h], times["bare"])]
-        rows.append({"backbone": backbone, "head": h, "batch": args.batch, "views": 2, "clock": args.clock,
+        rows.append({"backbone": backbone, "head": h, "device": args.device, "batch": args.batch, "views": 2,
+                     "clock": args.clock,
                      "input": f"{args.channels}x{args.size}x{args.size}", "rounds": args.rounds,
                      "bare_ms": 1000 * bare_med, "step_ms": 1000 * statistics.median(times[h]),
                      "ratio": statistics.median(times[h]) / bare_med,
@@ -115,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, steady on a "
                          "machine shared with other jobs)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (GPU steps are timed to completion)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("extra", nargs="*", help="Hydra overrides for every trainer (after --)")
@@ -128,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for bb in args.backbones:
         rows += measure(bb, heads, args)
-    print(f"batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, {args.clock} clock, "
+    print(f"{args.device}, batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, {args.clock} clock, "
           f"torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median)")
     print(f"{'backbone':<12} {'head':<12} {'bare ms':>9} {'step ms':>9} {'ratio':>7} {'per-round':>9}")
     for r in rows:
