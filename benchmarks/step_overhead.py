@@ -55,7 +55,7 @@ def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
     params = dict(trainer.cfg.optim.optimizer)
     opt = build_optimizer(encoder, **params)
     flat = views.flatten(0, 1)
-    if trainer.channels_last:  # the trainer's encoder runs NHWC on CUDA: the bare step does too
+    if trainer.channels_last:  # the trainer's encoder runs NHWC (channels_last=true): the bare step does too
         flat = flat.contiguous(memory_format=torch.channels_last)
     b = views.shape[1]
 
@@ -138,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for bb in args.backbones:
         rows += measure(bb, heads, args)
-    print(f"{args.device}, batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, {args.clock} clock, "
-          f"torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median)")
+    print(f"{args.device}, batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, "
+          f"{args.clock} clock, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median)")
     print(f"{'backbone':<12} {'head':<12} {'bare ms':>9} {'step ms':>9} {'ratio':>7} {'per-round':>9}")
     for r in rows:
         flag = "" if r["head"] == "svm" or r["ratio"] <= 1.05 else "  (> 1.05)"

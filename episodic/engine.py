@@ -368,7 +368,7 @@ class Trainer:
                 out = self.train_model(episode, aux)
             loss = out.loss.float()
             self.scaler.scale(loss / self.accu_iter).backward()
-        finite = self.check_finite(loss)  # after backward: on CUDA the host waits once, at the end of the step
+        finite = self.check_finite(loss)  # after backward: on CUDA the host waits once, at the step end
         with torch.no_grad():
             acc = (out.logits.argmax(-1) == self.model.last_query_labels).float().mean()
         self.last_scores = (out.logits.detach(), self.model.last_query_labels, out.extras)  # for log_scores
