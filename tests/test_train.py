@@ -48,3 +48,25 @@ def test_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_channels_last_is_the_same_step_in_nhwc(tmp_path: Path) -> None:
+    """channels_last (on by default, CPU included) changes the memory format, not the math: from the same
+    start, the first loss matches NCHW to float32 rounding and the first update to 2% (a wrong layout would
+    be off by 100%; the rest is the kernels' other summation order, amplified by max-pool and the solve)."""
+    import torch
+
+    from episodic.engine import Trainer
+
+    runs = {}
+    for flag in ["true", "false"]:
+        trainer = Trainer(make_cfg(*TINY, "head=r2d2", "device=cpu", f"channels_last={flag}"), tmp_path / flag)
+        conv = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # 16 -> 16 channels
+        before = conv.weight.detach().clone()
+        loss = float(trainer.train_step(trainer.train_set.images[:32]).loss)
+        runs[flag] = (loss, (conv.weight.detach() - before).contiguous(),
+                      conv.weight.is_contiguous(memory_format=torch.channels_last))
+    (loss_nhwc, step_nhwc, is_nhwc), (loss_nchw, step_nchw, is_nhwc_off) = runs["true"], runs["false"]
+    assert is_nhwc and not is_nhwc_off
+    assert loss_nhwc == pytest.approx(loss_nchw, rel=1e-5)
+    assert float((step_nhwc - step_nchw).norm() / step_nchw.norm()) < 0.02
