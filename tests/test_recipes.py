@@ -54,6 +54,12 @@ PUBLISHED: dict[str, dict[str, object]] = {
         "method.name": "moco", "method.params.queue_size": 65536, "head.params.temperature": 0.2,
         "variant.feature_transform.alpha_pos": 2.0, "variant.feature_transform.alpha_neg": 1.6,
         "optim.optimizer.lr": 0.03, "batch_size": 256, "train.steps": 200 * 5004},
+    # this project's Omniglot recipe (tuned on the Vinyals val split, README "Omniglot")
+    "omniglot_unsup": {
+        "data.name": "omniglot", "backbone.name": "conv4", "head.name": "contrastive",
+        "head.params.temperature": 0.1, "method.name": "simclr", "task.augment": ["rotate"],
+        "data.augment.degrees": 10.0, "data.augment.shear": 10.0, "data.augment.translate": 0.07,
+        "data.augment.affine_p": 0.8, "n_supp": 1, "n_query": 2, "batch_size": 256, "variant": {}},
 }
 RECIPES = sorted(PUBLISHED)
 FAST = ["train.steps=2", "eval.fewshot.episodes=10", "eval.linear=false", "eval.baseline=false"]
