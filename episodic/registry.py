@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import pkgutil
 from typing import Any, Callable, Generic, TypeVar
 
@@ -65,4 +66,13 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def build(self, name: str, **kwargs: Any) -> Any:
-        return self.get(name)(**kwargs)  # type: ignore[operator]
+        """``get(name)(**kwargs)``; a keyword the class does not take is one line naming it and the allowed ones."""
+        cls = self.get(name)
+        params = inspect.signature(cls).parameters.values()  # type: ignore[arg-type]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            unknown = sorted(set(kwargs) - set(allowed))
+            if unknown:
+                raise EpisodicError(f"{self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                                    f"allowed: {', '.join(allowed)}")
+        return cls(**kwargs)  # type: ignore[operator]
