@@ -59,7 +59,8 @@ PUBLISHED: dict[str, dict[str, object]] = {
         "data.name": "omniglot", "backbone.name": "conv4", "head.name": "contrastive",
         "head.params.temperature": 0.1, "method.name": "simclr", "task.augment": ["rotate"],
         "data.augment.degrees": 10.0, "data.augment.shear": 10.0, "data.augment.translate": 0.07,
-        "data.augment.affine_p": 0.8, "n_supp": 1, "n_query": 2, "batch_size": 256, "variant": {}},
+        "data.augment.affine_p": 0.8, "n_supp": 1, "n_query": 2, "batch_size": 256, "variant": {},
+        "train.steps": 2860},
 }
 RECIPES = sorted(PUBLISHED)
 FAST = ["train.steps=2", "eval.fewshot.episodes=10", "eval.linear=false", "eval.baseline=false"]
