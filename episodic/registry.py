@@ -68,11 +68,19 @@ class Registry(Generic[T]):
     def build(self, name: str, **kwargs: Any) -> Any:
         """``get(name)(**kwargs)``; a keyword the class does not take is one line naming it and the allowed ones."""
         cls = self.get(name)
-        params = inspect.signature(cls).parameters.values()  # type: ignore[arg-type]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            unknown = sorted(set(kwargs) - set(allowed))
-            if unknown:
-                raise EpisodicError(f"{self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                                    f"allowed: {', '.join(allowed)}")
+        unknown, allowed = unknown_keywords(cls, kwargs)
+        if unknown:
+            raise EpisodicError(f"{self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                                f"allowed: {', '.join(allowed)}")
         return cls(**kwargs)  # type: ignore[operator]
+
+
+def unknown_keywords(fn: Callable[..., Any], kwargs: Any, skip: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """``(unknown, allowed)``: the keys of ``kwargs`` that ``fn`` (a class: its constructor) does not take, sorted,
+    and the keyword names it does take, minus ``skip``; nothing is unknown when ``fn`` takes ``**kwargs``."""
+    params = inspect.signature(fn).parameters.values()
+    allowed = [p.name for p in params
+               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return [], allowed
+    return sorted(set(kwargs) - set(allowed)), allowed

@@ -30,7 +30,6 @@ Images in an episode are the augmented views (float, possibly normalised with th
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from episodic.errors import EpisodicError, check
-from episodic.registry import Registry
+from episodic.registry import Registry, unknown_keywords
 from episodic.tasks.episode import Episode
 
 TASK_AUGMENTS: Registry[type["TaskAugment"]] = Registry("task augmentation", "episodic.tasks")
@@ -281,9 +280,7 @@ def build_task_pipeline(task_cfg: Mapping[str, Any] | None, ctx: TaskContext | N
     for name in names:
         cls = TASK_AUGMENTS.get(name)
         params = dict(cfg.get(name) or {})
-        sig = inspect.signature(cls.__init__)
-        allowed = [p for p in sig.parameters if p not in ("self", "ctx")]
-        unknown = sorted(set(params) - set(allowed))
+        unknown, allowed = unknown_keywords(cls, params, skip=("ctx",))
         check(not unknown, f"task.{name} has unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
         augments.append(cls(ctx, **params))
     return TaskPipeline(augments)
