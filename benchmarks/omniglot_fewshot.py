@@ -92,7 +92,7 @@ def evaluate(backbone: nn.Module, cfg: DictConfig, images: torch.Tensor, labels:
 def random_init_result(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                        episodes: int, cache_dir: Path) -> dict[str, Any]:
     """The random-init encoder's accuracies, computed once per (backbone, data, seed, episodes) and cached."""
-    from episodic.engine import build_model
+    from episodic.model import build_model
 
     ident = json.dumps({"backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
                         "data": OmegaConf.to_container(cfg.data.params, resolve=True),
@@ -101,7 +101,7 @@ def random_init_result(cfg: DictConfig, images: torch.Tensor, labels: torch.Tens
     path = cache_dir / f"random_init_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.json"
     if path.exists():
         return json.loads(path.read_text())["fewshot"]
-    backbone = build_model(cfg).method.encoder.backbone.to(device)
+    backbone = build_model(cfg).backbone.to(device)
     res = evaluate(backbone, cfg, images, labels, device, episodes)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -156,7 +156,8 @@ class Budget:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from episodic.engine import Trainer, batch_indices
+    from episodic.data.loader import batch_indices
+    from episodic.engine import Trainer
 
     overrides = list(args.overrides)
     if args.eval_split != "test":
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     curve_at = [i / args.curve for i in range(1, args.curve)] if args.curve > 1 else []
     curve: list[dict[str, Any]] = []
     history: list[dict[str, float]] = []
-    backbone = trainer.model.method.encoder.backbone
+    backbone = trainer.model.backbone
     if hasattr(trainer, "make_loader"):  # the engine's loader (uint8 batches, or views augmented by workers)
         batches = iter(trainer.make_loader())
     else:

@@ -77,10 +77,10 @@ def main() -> None:
     views = []
     for _ in range(n):
         b = next(loader)
-        views.append(b if b.dim() == 5 else multi_view(pre.augment, b.to(pre.device), pre.sampler.n_views,
+        views.append(b if b.dim() == 5 else multi_view(pre.augment, b.to(pre.device), pre.model.sampler.n_views,
                                                         pre.generator))
     print(f"config: data={cfg.data.name} backbone={cfg.backbone.name} batch={cfg.batch_size} "
-          f"views={pre.sampler.n_views} head={cfg.head.name} task.augment={list(cfg.task.augment)} "
+          f"views={pre.model.sampler.n_views} head={cfg.head.name} task.augment={list(cfg.task.augment)} "
           f"loader.augment={cfg.loader.augment} workers={cfg.loader.workers} device={pipe.device} "
           f"torch threads={torch.get_num_threads()}")
     batches = iter(pipe.make_loader(0))

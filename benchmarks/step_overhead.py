@@ -5,8 +5,8 @@
     python benchmarks/step_overhead.py --heads contrastive r2d2 --rounds 50
 
 *Head step*: :meth:`episodic.engine.Trainer.train_step` on views that are already augmented
-(``[2, B, C, S, S]``, the same tensors every step): view sampler -> episode -> encoder (backbone +
-projector) -> head loss -> backward -> optimizer step -> LR schedule step -> step accuracy.
+(``[2, B, C, S, S]``, the same tensors every step): the model's forward (sampler -> episode -> encoder (backbone +
+projector) -> head loss) -> backward -> optimizer step -> LR schedule step -> step accuracy.
 *Bare step*: the same encoder architecture on the same tensors, forward and backward of a plain
 dot-product loss ``-mean(z1 . z2)`` between the two views' projections, and the same optimizer's step;
 no head, no episode. Both run interleaved (bare, then every head, per round), so a load change on a
@@ -51,7 +51,7 @@ def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
     """A step of the encoder alone on ``views [2, B, ...]``: plain dot-product loss, same optimizer type."""
     from episodic.optim import build_optimizer
 
-    encoder = copy.deepcopy(trainer.model.method.encoder)
+    encoder = copy.deepcopy(trainer.model.encoder)
     params = dict(trainer.cfg.optim.optimizer)
     opt = build_optimizer(encoder, **params)
     flat = views.flatten(0, 1)

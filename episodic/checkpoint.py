@@ -1,20 +1,30 @@
-"""Checkpoints: written atomically (temp file + fsync + rename), read back with a clear error.
+"""Checkpoints: written atomically, read back with a clear error, found and pruned in a run folder.
 
-A half-written file never carries a checkpoint's name: ``save`` writes ``name.tmp`` and renames
-it over ``name`` only once it is complete. ``load`` refuses a corrupt or foreign file with one line.
+A half-written file never carries a checkpoint's name: :func:`save` writes ``name.tmp`` and renames
+it over ``name`` only once it is complete. :func:`load` refuses a corrupt or foreign file with one
+line. A run's ``checkpoints/`` holds ``step_N.pt`` files and ``last.pt``; :func:`newest_valid`
+finds the newest one that loads, :func:`prune` keeps the newest few. :func:`rng_state` is every
+random stream of a process, which a checkpoint carries so that a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from episodic.errors import EpisodicError
 
+log = logging.getLogger(__name__)
+
 FORMAT = "episodic-checkpoint-v1"
+_NAME = re.compile(r"step_(\d+)\.pt")
 
 
 def save(state: dict[str, Any], path: str | Path) -> Path:
@@ -43,3 +53,84 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise EpisodicError(f"'{path}' is not an episodic checkpoint (expected format {FORMAT})")
     return state
+
+
+# ------------------------------------------------------------------------ a run's checkpoints folder
+def step_of(path: Path) -> int | None:
+    """``N`` of a ``step_N.pt`` file name (``None`` for any other name)."""
+    m = _NAME.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """``step_N.pt`` files and ``last.pt`` in ``folder``, newest (highest step, ``last.pt`` first) first."""
+    if not folder.is_dir():
+        return []
+    found = [(n, p) for p in folder.iterdir() if (n := step_of(p)) is not None]
+    found.sort(key=lambda t: t[0], reverse=True)
+    last = [folder / "last.pt"] if (folder / "last.pt").is_file() else []
+    return last + [p for _, p in found]
+
+
+def load_valid(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's state, or None (with a warning) when it is corrupt or holds no training state."""
+    try:
+        state = load(path)
+    except EpisodicError as e:
+        log.warning("skipping checkpoint %s: %s", path, e)
+        return None
+    if "model" in state and "step" in state:
+        return state
+    log.warning("skipping checkpoint %s: it holds no training state", path)
+    return None
+
+
+def newest_valid(run_or_folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint of a run directory (or of a checkpoints folder) with the highest step that loads,
+    and its state; corrupt ones are skipped with a warning. ``last.pt`` counts at the step it holds (a
+    finished run that was extended with more ``train.steps`` writes newer numbered checkpoints)."""
+    folder = run_or_folder / "checkpoints" if (run_or_folder / "checkpoints").is_dir() else run_or_folder
+    last: tuple[Path, dict[str, Any]] | None = None
+    if (folder / "last.pt").is_file():
+        state = load_valid(folder / "last.pt")
+        last = (folder / "last.pt", state) if state is not None else None
+    for path in list_checkpoints(folder):
+        step = step_of(path)
+        if step is None:
+            continue
+        if last is not None and int(last[1]["step"]) >= step:
+            return last
+        state = load_valid(path)
+        if state is not None:
+            return path, state
+    return last
+
+
+def prune(folder: Path, keep_last: int | None) -> None:
+    """Keep the ``keep_last`` newest ``step_N.pt`` (0 or null: all); remove stale ``.tmp`` files that a
+    killed run left (only rank 0 writes, and not while this runs)."""
+    for tmp in folder.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if not keep_last:
+        return
+    numbered = [p for p in list_checkpoints(folder) if p.name != "last.pt"]
+    for p in numbered[int(keep_last):]:
+        p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ random streams
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random stream of this process: torch (CPU, CUDA), NumPy, Python and the trainer's generator."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": np.random.get_state(), "python": random.getstate(), "generator": generator.get_state()}
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])

@@ -1,9 +1,10 @@
-"""The one training loop: batch -> views -> episode -> (task augmentation) -> method + head -> step.
+"""The one training loop: batches -> augmented views -> the model's step (:mod:`episodic.model`) -> update.
 
-:class:`Trainer` builds everything from a config (datasets, encoder, head, method, optimiser),
-runs ``train.steps`` optimizer steps with a progress bar and TensorBoard scalars, writes
-checkpoints, and ends with the quick evaluation (:mod:`episodic.eval.quick`) of the trained encoder
-and of a randomly initialised one of the same architecture.
+:class:`Trainer` builds a run from a config (data, model, optimiser, schedule, loader), runs
+``train.steps`` optimizer steps with a progress bar and TensorBoard scalars, and writes checkpoints.
+What happens inside a step (sampler, task augmentations, encoders, head) is the model's forward;
+what watches the run from outside (the kNN monitor) is passed to :meth:`Trainer.fit` as a
+:class:`Monitor`, so the loop imports no evaluation code.
 
 Randomness: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and every
 augmentation draw comes from the trainer's own generator, so a run is reproducible from its seed.
@@ -24,16 +25,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import random
-import re
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -42,96 +40,20 @@ from tqdm import tqdm
 from episodic import checkpoint, distributed
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
 from episodic.data.datasets import ArrayDataset, Splits, build_dataset
-from episodic.data.loader import BatchLoader
+from episodic.data.loader import BatchLoader, epoch_order
+from episodic.device import autocast, resolve_device, resolve_precision, use_channels_last
 from episodic.errors import EpisodicError, check
-from episodic.heads.base import HEADS, Head, HeadOutput
 from episodic.heads.histograms import log_scores
-from episodic.heads.variants import attach_variants
-from episodic.methods import METHODS, Method
-from episodic.models import build_encoder
+from episodic.model import EpisodicModel, StepOutput, build_model
+from episodic.monitor import Monitor, Progress
 from episodic.optim import build_optimizer, build_scheduler
-from episodic.tasks.augment import AuxBatch, TaskContext, TaskPipeline, build_task_pipeline
-from episodic.tasks.episode import ViewSampler
-from episodic.tasks.scope import ScopedHead, ScopePlan, plan_scope
+from episodic.tasks.scope import plan_scope
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EpisodicError(f"device={name!r} is not available on this machine; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    """The deterministic permutation of ``n`` indices for ``epoch``."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
-    """Endless drop-last batches of indices; step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch``."""
-    per_epoch = n // batch_size
-    check(per_epoch >= 1, f"batch_size={batch_size} is larger than the {n} training images; use a smaller batch")
-    step = start_step
-    while True:
-        epoch, i = divmod(step, per_epoch)
-        order = epoch_order(n, seed, epoch)
-        for j in range(i, per_epoch):
-            yield order[j * batch_size : (j + 1) * batch_size]
-            step += 1
-
-
-class EpisodicModel(nn.Module):
-    """Everything that trains: the method (encoders), the head and the task augmentations' auxiliary
-    modules (e.g. the rotation classifier), behind one ``forward`` that returns the whole loss."""
-
-    def __init__(self, method: Method, head: Head, task: TaskPipeline | None = None) -> None:
-        super().__init__()
-        self.method, self.head = method, head
-        if not method.trains_head:  # e.g. BYOL: the loss never reaches the head's parameters
-            head.requires_grad_(False)
-        self.task = task if task is not None else TaskPipeline()
-        self.scope = None  # set by the trainer (see the property)
-        self.last_query_labels: Tensor | None = None  # labels of the queries the last forward scored
-
-    @property
-    def scope(self) -> ScopePlan | None:
-        """The episode layout over processes; episodes spanning processes wrap the head in a
-        :class:`ScopedHead` (tasks/scope.py). Setting it also tells the method how many processes
-        train together (``Method.world_size``)."""
-        return self._scope
-
-    @scope.setter
-    def scope(self, plan: ScopePlan | None) -> None:
-        self._scope = plan
-        self.method.world_size = plan.world_size if plan is not None else 1
-
-    def forward(self, episode: Any, aux: list[AuxBatch] | tuple = ()) -> HeadOutput:
-        head = ScopedHead(self.head, self.scope) if self.scope is not None and self.scope.spans else self.head
-        out = self.method(episode, head)
-        scoped = head.query_labels if isinstance(head, ScopedHead) else None  # None: the head was not called
-        self.last_query_labels = scoped if scoped is not None else episode.query_labels
-        extra = self.task.aux_loss(self.method.encoder, aux) if aux else None
-        return out if extra is None else HeadOutput(out.loss + extra, out.logits, out.extras)
-
-
 def _params(node: Any) -> dict[str, Any]:
-    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
-
-
-def build_model(cfg: DictConfig) -> EpisodicModel:
-    """Encoder, method and head from the config, initialised from ``cfg.seed`` (same seed, same weights)."""
-    torch.manual_seed(cfg.seed)
-    encoder = build_encoder(cfg.backbone.name, cfg.data.channels, _params(cfg.backbone.get("params")),
-                            _params(cfg.backbone.get("projector")))
-    method = METHODS.build(cfg.method.name, encoder=encoder, **_params(cfg.method.get("params")))
-    head = HEADS.build(cfg.head.name, **_params(cfg.head.get("params")))
-    attach_variants(head, _params(cfg.get("variant")), method, encoder.projector.out_dim)  # heads/variants
-    aug = _params(cfg.data.get("augment"))
-    ctx = TaskContext(embed_dim=encoder.projector.out_dim, mean=aug.get("mean"), std=aug.get("std"))
-    return EpisodicModel(method, head, build_task_pipeline(_params(cfg.get("task")), ctx))
+    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}  # type: ignore[arg-type]
 
 
 def ssl_split(data: Splits, cfg: DictConfig) -> ArrayDataset:
@@ -139,119 +61,11 @@ def ssl_split(data: Splits, cfg: DictConfig) -> ArrayDataset:
     return data.train.with_classes(cfg.data.get("ssl_classes"))
 
 
-PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "fp32": None, "bf16": torch.bfloat16,
-                                              "fp16": torch.float16}
-
-
-def resolve_precision(value: Any, device: torch.device) -> torch.dtype | None:
-    """``precision`` -> the autocast dtype (``None``: float32). Mixed precision needs CUDA; on CPU the
-    run trains in float32 and says so."""
-    key = str(value).lower()
-    check(key in PRECISIONS, f"precision={value!r} is not allowed; use 32, bf16 or fp16")
-    dtype = PRECISIONS[key]
-    if dtype is None:
-        return None
-    if device.type != "cuda":
-        log.warning("precision=%s needs a CUDA device; training in float32 on %s", key, device)
-        return None
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise EpisodicError(f"precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; "
-                            f"use fp16")
-    return dtype
-
-
-def use_channels_last(model: nn.Module) -> None:
-    """NHWC memory format for 4-D weights, and for the input of every backbone (a forward pre-hook)."""
-    from episodic.models.backbones import Backbone
-
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    for m in model.modules():
-        if isinstance(m, Backbone):
-            m.register_forward_pre_hook(
-                lambda _m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-                if args and isinstance(args[0], Tensor) and args[0].dim() == 4 else args)
-
-
 class _NullWriter:
     """Stands in for the TensorBoard writer on ranks > 0: every call does nothing."""
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
-
-
-def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random stream of this process: torch (CPU, CUDA), NumPy, Python and the trainer's generator."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": np.random.get_state(), "python": random.getstate(), "generator": generator.get_state()}
-
-
-def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    generator.set_state(state["generator"])
-
-
-_CKPT_NAME = re.compile(r"step_(\d+)\.pt")
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """``step_N.pt`` files and ``last.pt`` in ``folder``, newest (highest step, ``last.pt`` first) first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_NAME.fullmatch(p.name))]
-    found.sort(key=lambda t: t[0], reverse=True)
-    last = [folder / "last.pt"] if (folder / "last.pt").is_file() else []
-    return last + [p for _, p in found]
-
-
-def _load_valid(path: Path) -> dict[str, Any] | None:
-    """A checkpoint's state, or None (with a warning) when it is corrupt or holds no training state."""
-    try:
-        state = checkpoint.load(path)
-    except EpisodicError as e:
-        log.warning("skipping checkpoint %s: %s", path, e)
-        return None
-    if "model" in state and "step" in state:
-        return state
-    log.warning("skipping checkpoint %s: it holds no training state", path)
-    return None
-
-
-def newest_valid_checkpoint(run_or_folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint of a run directory (or of a checkpoints folder) with the highest step that loads,
-    and its state; corrupt ones are skipped with a warning. ``last.pt`` counts at the step it holds (a
-    finished run that was extended with more ``train.steps`` writes newer numbered checkpoints)."""
-    folder = run_or_folder / "checkpoints" if (run_or_folder / "checkpoints").is_dir() else run_or_folder
-    last: tuple[Path, dict[str, Any]] | None = None
-    if (folder / "last.pt").is_file():
-        state = _load_valid(folder / "last.pt")
-        last = (folder / "last.pt", state) if state is not None else None
-    for path in list_checkpoints(folder):
-        if path.name == "last.pt":
-            continue
-        step = int(_CKPT_NAME.fullmatch(path.name).group(1))  # type: ignore[union-attr]
-        if last is not None and int(last[1]["step"]) >= step:
-            return last
-        state = _load_valid(path)
-        if state is not None:
-            return path, state
-    return last
-
-
-def prune_checkpoints(folder: Path, keep_last: int | None) -> None:
-    """Keep the ``keep_last`` newest ``step_N.pt`` (0 or null: all); remove stale ``.tmp`` files that a
-    killed run left (only rank 0 writes, and not while this runs)."""
-    for tmp in folder.glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
-    if not keep_last:
-        return
-    numbered = [p for p in list_checkpoints(folder) if p.name != "last.pt"]
-    for p in numbered[int(keep_last):]:
-        p.unlink(missing_ok=True)
 
 
 @dataclass
@@ -280,12 +94,9 @@ class Trainer:
         self.scope = plan_scope(str(cfg.task.get("scope", "global")), cfg.n_way, int(cfg.batch_size),
                                 self.dist.world_size, self.dist.rank, cfg.optim.get("accu_iter", 1))
         self.accu_iter = self.scope.accu_iter  # micro-batches per optimizer step
-        self.sampler = ViewSampler(cfg.n_supp, cfg.n_query, self.scope.sampler_way)
         self.data = build_dataset(cfg.data.name, **_params(cfg.data.get("params")))
         self.train_set = ssl_split(self.data, cfg)
-        self.model = build_model(cfg).to(self.device)
-        self.tasks = self.model.task  # task augmentations; their trainable parts are registered in the model
-        self.model.scope = self.scope
+        self.model: EpisodicModel = build_model(cfg, self.scope).to(self.device)
         self.model, self.sync_bn = distributed.convert_sync_batchnorm(self.model, cfg.get("sync_bn", "auto"),
                                                                       self.dist)
         self.precision = resolve_precision(cfg.get("precision", 32), self.device)
@@ -360,25 +171,18 @@ class Trainer:
         the device), or views ``[V, b, C, S, S]`` augmented already (``loader.augment=worker|pil``,
         pre-augmented data). The loss is divided by ``accu_iter`` so accumulated gradients are the mean."""
         x = images.to(self.device, non_blocking=True)
-        views = x if x.dim() == 5 else multi_view(self.augment, x, self.sampler.n_views, self.generator)
-        episode, aux = self.tasks(self.sampler(views), self.generator, self.step, self.steps)
+        views = x if x.dim() == 5 else multi_view(self.augment, x, self.model.sampler.n_views, self.generator)
         sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
         with sync:  # DDP all-reduces gradients only in the last micro-batch's backward
-            with self.autocast():
-                out = self.train_model(episode, aux)
+            with autocast(self.precision):
+                out: StepOutput = self.train_model(views, self.generator, self.step, self.steps)
             loss = out.loss.float()
             self.scaler.scale(loss / self.accu_iter).backward()
         finite = self.check_finite(loss)  # after backward: on CUDA the host waits once, at the step end
         with torch.no_grad():
-            acc = (out.logits.argmax(-1) == self.model.last_query_labels).float().mean()
-        self.last_scores = (out.logits.detach(), self.model.last_query_labels, out.extras)  # for log_scores
+            acc = (out.logits.argmax(-1) == out.query_labels).float().mean()
+        self.last_scores = (out.logits.detach(), out.query_labels, out.extras)  # for log_scores
         return MicroStats(loss.detach(), acc, finite)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16/fp16 autocast on CUDA per ``precision``; a no-op in float32 (and on CPU)."""
-        if self.precision is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.precision)
 
     def check_finite(self, loss: Tensor) -> bool:
         """Agree across processes on a non-finite loss and on a pending stop signal (one tiny
@@ -409,7 +213,8 @@ class Trainer:
         check(pin in ("auto", True, False), f"loader.pin_memory={pin!r} is not allowed; use auto, true or false")
         n, seed = len(self.train_set), int(self.cfg.seed)
         return BatchLoader(self.train_set.images, int(self.cfg.batch_size), lambda e: epoch_order(n, seed, e),
-                           mode=lc.get("augment", "device"), augment=self.augment.cfg, n_views=self.sampler.n_views,
+                           mode=lc.get("augment", "device"), augment=self.augment.cfg,
+                           n_views=self.model.sampler.n_views,
                            seed=seed, workers=lc.get("workers", 0),
                            pin_memory=self.device.type == "cuda" if pin == "auto" else pin,
                            persistent_workers=bool(lc.get("persistent_workers", True)),
@@ -429,15 +234,15 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             # every random stream of every rank (a list in rank order)
-            "rng": distributed.all_gather_object(rng_state(self.generator, self.device)),
-            "sampler": self.sampler_state(),
+            "rng": distributed.all_gather_object(checkpoint.rng_state(self.generator, self.device)),
+            "data_order": self.data_order(),
             "history": list(self.history),
             "skipped": self.skipped,
             "world_size": self.dist.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
-    def sampler_state(self) -> dict[str, int]:
+    def data_order(self) -> dict[str, int]:
         """The data order's position: step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch``."""
         return {"step": self.step, "seed": int(self.cfg.seed), "batch_size": int(self.cfg.batch_size),
                 "n_images": len(self.train_set)}
@@ -450,7 +255,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         rngs = state.get("rng")
         if rngs and len(rngs) == self.dist.world_size:
-            set_rng_state(rngs[self.dist.rank], self.generator, self.device)
+            checkpoint.set_rng_state(rngs[self.dist.rank], self.generator, self.device)
         elif self.dist.world_size == 1 and "generator" in state:
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
@@ -473,7 +278,7 @@ class Trainer:
         path = self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}.pt")
         if self.dist.is_main:
             checkpoint.save(state, path)
-            prune_checkpoints(path.parent, self.cfg.train.get("keep_last", 0))
+            checkpoint.prune(path.parent, self.cfg.train.get("keep_last", 0))
         self.last_checkpoint = path
         return path
 
@@ -492,7 +297,7 @@ class Trainer:
         path: Path | None = target if target.is_file() else None
         state: dict[str, Any] | None = None
         if path is None and self.dist.is_main:
-            found = newest_valid_checkpoint(target)
+            found = checkpoint.newest_valid(target)
             path, state = found if found is not None else (None, None)
         path = distributed.broadcast_object(path)
         if path is None:
@@ -509,7 +314,7 @@ class Trainer:
 
     def check_compatible(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint whose data order differs from this run's (another seed, batch or dataset)."""
-        old, new = state.get("sampler") or {}, self.sampler_state()
+        old, new = state.get("data_order") or {}, self.data_order()
         for key in ("seed", "batch_size", "n_images"):
             if key in old and old[key] != new[key]:
                 raise EpisodicError(f"checkpoint '{path}' was written with {key}={old[key]}, this run has "
@@ -517,10 +322,11 @@ class Trainer:
                                     f"resume=null")
 
     # ----------------------------------------------------------------- the loop
-    def fit(self) -> None:
-        """Train from ``self.step`` to ``train.steps``. SIGTERM/SIGINT (what SLURM sends before a kill;
-        Ctrl-C) make every process finish its step, write a checkpoint and return with
-        ``stop_requested`` set; a second SIGINT interrupts at once."""
+    def fit(self, monitors: Sequence[Monitor] = ()) -> None:
+        """Train from ``self.step`` to ``train.steps``, calling each monitor after every step (its time
+        is not counted as training time). SIGTERM/SIGINT (what SLURM sends before a kill; Ctrl-C) make
+        every process finish its step, write a checkpoint and return with ``stop_requested`` set; a
+        second SIGINT interrupts at once."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             for sig in previous:
@@ -528,7 +334,7 @@ class Trainer:
         except ValueError:  # not the main thread: no handlers, the loop still checks the flag
             previous = {}
         try:
-            self._fit()
+            self._fit(monitors)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -538,10 +344,8 @@ class Trainer:
             raise KeyboardInterrupt
         self._signal = signal.Signals(signum).name
 
-    def _fit(self) -> None:
+    def _fit(self, monitors: Sequence[Monitor]) -> None:
         from torch.utils.tensorboard import SummaryWriter
-
-        from episodic.eval.knn import KNNMonitor
 
         cfg = self.cfg
         # only rank 0 writes; on the others the writer swallows every call. purge_step drops the events
@@ -551,7 +355,6 @@ class Trainer:
         batches = iter(self.make_loader(self.step))
         bar = tqdm(total=self.steps, initial=self.step, desc=f"train {cfg.head.name}", dynamic_ncols=True,
                    disable=not (cfg.train.progress and self.dist.is_main))
-        knn = KNNMonitor(self)  # kNN accuracy every eval.knn_every epochs/steps (episodic/eval/knn.py)
         self.model.train()
         t0, seen, wait = time.perf_counter(), 0, 0.0
         while self.step < self.steps:
@@ -576,7 +379,10 @@ class Trainer:
             if cfg.train.get("hist_every") and self.step % cfg.train.hist_every == 0:
                 log_scores(writer, *self.last_scores, self.step)  # score histograms (episodic/heads/histograms.py)
             bar.update(1)
-            t0 += knn.after_step(self, writer, bar)  # seconds spent evaluating: not training time
+            t_mon = time.perf_counter()
+            for monitor in monitors:
+                monitor.after_step(Progress(self.step, self.steps, self.model, self.data, self.device, writer, bar))
+            t0 += time.perf_counter() - t_mon  # seconds spent evaluating: not training time
             if self.stop_requested is not None:  # agreed by every process in this step
                 break
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
@@ -592,7 +398,3 @@ class Trainer:
         writer.close()
         if self.dist.is_main:
             (self.run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
-
-
-def fmt_acc(r: dict[str, float]) -> str:
-    return f"{r['mean']:.1f} ± {r['ci95']:.1f}" if not math.isnan(r["ci95"]) else f"{r['mean']:.1f}"

@@ -1,7 +1,8 @@
 """Optimisers (SGD, Adam/AdamW, LARS) and the per-step warm-up + cosine learning-rate schedule.
 
-Parameter groups: weights are decayed; biases and normalisation parameters (every tensor with
-one dimension) get no weight decay and, with LARS, no trust-ratio adaptation.
+Optimisers are registered builders (:data:`OPTIMIZERS`) taking the parameter groups and their own
+settings. Parameter groups: weights are decayed; biases and normalisation parameters (every tensor
+with one dimension) get no weight decay and, with LARS, no trust-ratio adaptation.
 
 LARS (You et al., 2017, as used by SimCLR): for an adapted tensor ``w`` with gradient ``g``::
 
@@ -19,6 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from episodic.errors import EpisodicError
+from episodic.registry import Registry
 
 
 class LARS(Optimizer):
@@ -47,32 +49,43 @@ class LARS(Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
+OPTIMIZERS: Registry = Registry("optimizer", None)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: >1-D weights (decayed, LARS-adapted) and 1-D biases/norm parameters (neither)."""
+    """Two groups: >1-D weights (decayed) and 1-D biases/norm parameters (not decayed)."""
     decay, plain = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else plain).append(p)
-    return [dict(params=decay, weight_decay=weight_decay),
-            dict(params=plain, weight_decay=0.0, lars=False)]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=plain, weight_decay=0.0)]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                    **extra: Any) -> Optimizer:
-    """``name`` in sgd | adam | adamw | lars."""
-    groups = param_groups(model, weight_decay)
-    if name == "sgd":
-        for g in groups:
-            g.pop("lars", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=extra.get("nesterov", False))
-    if name in ("adam", "adamw"):
-        for g in groups:
-            g.pop("lars", None)
-        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        return cls(groups, lr=lr, betas=tuple(extra.get("betas", (0.9, 0.999))))
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, eta=extra.get("eta", 0.001))
-    raise EpisodicError(f"unknown optimizer {name!r}; allowed: sgd, adam, adamw, lars")
+@OPTIMIZERS.register("sgd")
+def sgd(groups: list[dict[str, Any]], lr: float, momentum: float = 0.9, nesterov: bool = False) -> Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+@OPTIMIZERS.register("adam")
+def adam(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
+
+
+@OPTIMIZERS.register("lars")
+def lars(groups: list[dict[str, Any]], lr: float, momentum: float = 0.9, eta: float = 0.001) -> Optimizer:
+    groups[1]["lars"] = False  # biases and norm parameters: plain SGD
+    return LARS(groups, lr=lr, momentum=momentum, eta=eta)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, **params: Any) -> Optimizer:
+    """The optimizer ``name`` (``OPTIMIZERS``: sgd, adam, adamw, lars) over :func:`param_groups`; ``params``
+    are that optimizer's own settings (a setting it does not take is one line naming it)."""
+    return OPTIMIZERS.build(name, groups=param_groups(model, weight_decay), lr=lr, **params)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, final_ratio: float = 0.0) -> float:

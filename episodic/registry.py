@@ -1,4 +1,4 @@
-"""Name -> class registries for heads, backbones, datasets and task augmentations.
+"""Name -> class registries for heads, variants, pairings, samplers, task augmentations and the rest.
 
 A component registers itself with a decorator in its own module; every module of a registered
 package is imported on first lookup, so adding a head is one file plus one config::
@@ -8,7 +8,11 @@ package is imported on first lookup, so adding a head is one file plus one confi
     @HEADS.register("r2d2")
     class R2D2Head(Head): ...
 
-Unknown names raise :class:`~episodic.errors.EpisodicError` listing what is allowed.
+A registered class gets its registry name as the class attribute ``name`` (``R2D2Head.name ==
+"r2d2"``), so messages and checks say ``head=r2d2`` without a second table. A registry may
+``extend`` another: it knows its own entries and, behind them, every entry of the other (the
+evaluation heads are the training heads plus ``logreg``). Unknown names raise
+:class:`~episodic.errors.EpisodicError` listing what is allowed.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A small registry: ``register`` decorator, ``get`` with did-you-mean, ``names``."""
+    """A small registry: ``register`` decorator, ``get`` with did-you-mean, ``names``, ``build``."""
 
-    def __init__(self, kind: str, package: str | None = None) -> None:
+    def __init__(self, kind: str, package: str | None = None, extends: Registry[Any] | None = None) -> None:
         self.kind = kind
         self.package = package
+        self.extends = extends
         self._items: dict[str, T] = {}
         self._loaded = package is None
 
@@ -38,6 +43,8 @@ class Registry(Generic[T]):
             if name in self._items and self._items[name] is not obj:
                 raise RuntimeError(f"{self.kind} {name!r} registered twice")
             self._items[name] = obj
+            if isinstance(obj, type):
+                obj.name = name  # type: ignore[attr-defined]
             return obj
 
         return deco
@@ -51,19 +58,23 @@ class Registry(Generic[T]):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
 
-    def names(self) -> list[str]:
+    def _all(self) -> dict[str, T]:
         self._load()
-        return sorted(self._items)
+        return {**(self.extends._all() if self.extends is not None else {}), **self._items}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+    def names(self) -> list[str]:
+        return sorted(self._all())
 
     def get(self, name: str) -> T:
-        self._load()
-        if name not in self._items:
-            hint = difflib.get_close_matches(name, self._items, n=1)
+        items = self._all()
+        if name not in items:
+            hint = difflib.get_close_matches(str(name), items, n=1)
             maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise EpisodicError(
-                f"unknown {self.kind} {name!r}{maybe}; allowed: {', '.join(self.names())}"
-            )
-        return self._items[name]
+            raise EpisodicError(f"unknown {self.kind} {name!r}{maybe}; allowed: {', '.join(sorted(items))}")
+        return items[name]
 
     def build(self, name: str, **kwargs: Any) -> Any:
         """``get(name)(**kwargs)``; a keyword the class does not take is one line naming it and the allowed ones."""

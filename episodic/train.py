@@ -33,14 +33,22 @@ from episodic.cli import CONFIG_DIR, run_or_fail, validate_overrides
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train per ``cfg``, evaluate trained vs random-init encoders, return the results dict."""
     from episodic import distributed
-    from episodic.engine import Trainer, build_model, resolve_device
+    from episodic.device import resolve_device
+    from episodic.engine import Trainer
+    from episodic.eval.knn import KNNMonitor
     from episodic.eval.quick import format_table, quick_eval
+    from episodic.model import build_model
 
     info = distributed.init_from_env(resolve_device(cfg.device))
     try:
         run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory on every rank
         trainer = Trainer(cfg, run_dir)
-        trainer.fit()
+        ev, aug = cfg.eval, cfg.data.augment
+        knn = KNNMonitor(int(ev.get("knn_every", 0) or 0), str(ev.get("knn_unit", "epochs")),
+                         int(ev.get("knn_k", 200)), float(ev.get("knn_t", 0.1)),
+                         len(trainer.train_set) // int(cfg.batch_size), run_dir / "knn.jsonl", trainer.step,
+                         info.is_main, aug.get("mean"), aug.get("std"))
+        trainer.fit([knn])
         if trainer.stop_requested is not None:
             if info.is_main:
                 print(f"stopped by {trainer.stop_requested} after step {trainer.step} of {trainer.steps}; "
@@ -50,9 +58,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     "checkpoint": str(trainer.last_checkpoint)}
         if not info.is_main:
             return {}
-        baseline = build_model(cfg).method.encoder.backbone.to(trainer.device)
-        res = quick_eval(trainer.model.method.encoder.backbone, baseline, trainer.data, cfg, trainer.device,
-                         Path(run_dir))
+        baseline = build_model(cfg).backbone.to(trainer.device)
+        res = quick_eval(trainer.model.backbone, baseline, trainer.data, cfg, trainer.device, Path(run_dir))
         print(format_table(res, f"{cfg.head.name} on {cfg.data.name}, {trainer.steps} steps -> {run_dir}"))
         if cfg.eval.get("plots", False):
             from episodic.eval.plots import save_run_plots  # accuracy curve, score histograms, embedding map

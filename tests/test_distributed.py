@@ -15,7 +15,6 @@ lightly#1528 bug): the same comparison must then fail.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -34,13 +33,15 @@ from torch import Tensor
 from helpers import TINY, make_cfg
 
 from episodic import checkpoint, distributed
-from episodic.engine import EpisodicModel, Trainer, resolve_precision
+from episodic.device import resolve_precision
+from episodic.engine import Trainer
+from episodic.model import EpisodicModel
 from episodic.errors import EpisodicError
 from episodic.heads.base import HEADS
 from episodic.methods import METHODS
 from episodic.models import build_encoder
-from episodic.tasks.episode import ViewSampler
-from episodic.tasks.scope import _interleave, plan_scope
+from episodic.tasks.samplers import ViewSampler
+from episodic.tasks.scope import ScopePlan, _interleave, plan_scope
 
 WORLD = 2
 B = 16  # global batch: 8 images per rank
@@ -59,12 +60,12 @@ CASES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _tiny_model(head: str, params: dict[str, Any], method: str = "simclr",
+def _tiny_model(plan: ScopePlan, ns: int, nq: int, head: str, params: dict[str, Any], method: str = "simclr",
                 method_params: dict[str, Any] | None = None) -> EpisodicModel:
     torch.manual_seed(0)
     enc = build_encoder("conv4", 1, {"width": 8, "depth": 2}, {"hidden_dim": 16, "out_dim": 8})
     pairing = METHODS.build(method, encoder=enc, **(method_params or {}))
-    model = EpisodicModel(pairing, HEADS.build(head, **params))
+    model = EpisodicModel(ViewSampler(ns, nq, plan.sampler_way), pairing, HEADS.build(head, **params), scope=plan)
     g = torch.Generator().manual_seed(3)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -80,19 +81,18 @@ def _grads(model: torch.nn.Module) -> Tensor:
 def _grad_case(rank: int, head: str, params: dict[str, Any], ns: int, nq: int, n_way: int | None,
                scope: str, method: str = "simclr", method_params: dict[str, Any] | None = None
                ) -> dict[str, float]:
-    model = _tiny_model(head, params, method, method_params)
     views = torch.rand(ns + nq, B, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     b = B // WORLD
     # one process, the whole batch (scope=local: the episodes each process would build on its own)
-    ref = copy.deepcopy(model)
-    ref.scope = plan_scope("global", n_way if scope == "global" else (n_way or b), B)
-    out = ref(ViewSampler(ns, nq, ref.scope.sampler_way)(views))
+    ref = _tiny_model(plan_scope("global", n_way if scope == "global" else (n_way or b), B), ns, nq, head, params,
+                      method, method_params)
+    out = ref(views)
     out.loss.backward()
     ref_loss, ref_grads = float(out.loss.detach()), _grads(ref)
     # two processes, each its own slice
-    model.scope = plan_scope(scope, n_way, B, WORLD, rank)
+    model = _tiny_model(plan_scope(scope, n_way, B, WORLD, rank), ns, nq, head, params, method, method_params)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    out = ddp(ViewSampler(ns, nq, model.scope.sampler_way)(views[:, rank * b : (rank + 1) * b]))
+    out = ddp(views[:, rank * b : (rank + 1) * b])
     out.loss.backward()
     grads = _grads(model)
     res = {"loss": float(distributed.reduce_mean(out.loss.detach())), "ref_loss": ref_loss,
@@ -105,10 +105,10 @@ def _grad_case(rank: int, head: str, params: dict[str, Any], ns: int, nq: int, n
                 if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
                     bn.eval()
         with torch.no_grad():
-            ref(ViewSampler(ns, nq, ref.scope.sampler_way)(views))
-            ddp(ViewSampler(ns, nq, model.scope.sampler_way)(views[:, rank * b : (rank + 1) * b]))
-        res["queue_diff"] = float((model.method.queue - ref.method.queue).abs().max())
-        res["queue_ptr"] = float(model.method.queue_ptr)
+            ref(views)
+            ddp(views[:, rank * b : (rank + 1) * b])
+        res["queue_diff"] = float((model.method.queue.rows - ref.method.queue.rows).abs().max())
+        res["queue_ptr"] = float(model.method.queue.ptr)
     return res
 
 
@@ -300,7 +300,7 @@ def test_scope_plans_and_their_errors() -> None:
 
 def test_precision_and_sync_bn_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
     cpu = torch.device("cpu")
-    with caplog.at_level(logging.WARNING, logger="episodic.engine"):
+    with caplog.at_level(logging.WARNING, logger="episodic.device"):
         assert resolve_precision("bf16", cpu) is None and resolve_precision(32, cpu) is None
     assert "precision=bf16 needs a CUDA device; training in float32 on cpu" in caplog.text
     with pytest.raises(EpisodicError, match="precision='fp8' is not allowed; use 32, bf16 or fp16"):

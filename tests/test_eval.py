@@ -107,19 +107,17 @@ def test_knn_monitor_schedule_progress_bar_and_resume(tmp_path: Path) -> None:
     from episodic.data.datasets import ArrayDataset, Splits
     from episodic.eval.knn import KNNMonitor
     from episodic.models.backbones import Conv4
+    from episodic.monitor import Progress
 
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (12, 1, 8, 8), generator=g, dtype=torch.uint8)
     train_set = ArrayDataset(imgs[:8], torch.arange(8) % 2, ["a", "b"])
     data = Splits(train_set, ArrayDataset(imgs[8:], torch.arange(4) % 2, ["a", "b"]))
     backbone = Conv4(in_channels=1, width=4, depth=2).eval()
-    cfg = OmegaConf.create({"batch_size": 2, "data": {"augment": {}},
-                            "eval": {"knn_every": 2, "knn_unit": "epochs", "knn_k": 3, "knn_t": 0.5}})
     old = [{"step": s, "knn_acc": float(s)} for s in (4, 8, 12)]
     (tmp_path / "knn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
-    trainer = SimpleNamespace(cfg=cfg, train_set=[0] * 5, run_dir=tmp_path, step=8, steps=10, data=data, device="cpu",
-                              model=SimpleNamespace(method=SimpleNamespace(encoder=SimpleNamespace(backbone=backbone))))
-    mon = KNNMonitor(trainer)  # resumed at step 8: the line of step 12 goes
+    # every 2 epochs of 5 // 2 = 2 steps; resumed at step 8: the line of step 12 goes
+    mon = KNNMonitor(2, "epochs", 3, 0.5, 5 // 2, tmp_path / "knn.jsonl", resumed_step=8)
     assert mon.interval == 4 and mon.last == 8.0  # 2 epochs of 5 // 2 = 2 steps
     assert [json.loads(x)["step"] for x in (tmp_path / "knn.jsonl").read_text().splitlines()] == [4, 8]
     assert [s for s in range(1, 11) if mon.due(s, 10)] == [4, 8, 10]
@@ -127,8 +125,8 @@ def test_knn_monitor_schedule_progress_bar_and_resume(tmp_path: Path) -> None:
     writer = SimpleNamespace(add_scalar=lambda *a: logged.append(a))
     bar = tqdm(total=10, file=io.StringIO())
     bar.set_postfix(loss="1.000")
-    trainer.step = 10
-    mon.after_step(trainer, writer, bar)
+    mon.after_step(Progress(10, 10, SimpleNamespace(backbone=backbone), data, torch.device("cpu"),  # type: ignore[arg-type]
+                            writer, bar))
     acc = knn_eval(backbone, data.train, data.test, k=3, temperature=0.5)
     assert logged == [("eval/knn_acc", acc, 10)] and bar.postfix == f"loss=1.000, knn={acc:.1f}"
     assert json.loads((tmp_path / "knn.jsonl").read_text().splitlines()[-1]) == {"step": 10, "knn_acc": acc}

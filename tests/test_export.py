@@ -27,7 +27,7 @@ def checkpoint_of(tmp_path: Path, *overrides: str) -> Path:
     resnet = any(o.startswith("backbone=resnet") for o in overrides)
     tiny = [o for o in TINY if not (resnet and o.startswith("backbone.params.width"))]
     trainer = Trainer(make_cfg(*tiny, *overrides), tmp_path)
-    backbone = trainer.model.method.encoder.backbone
+    backbone = trainer.model.backbone
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in backbone.modules():

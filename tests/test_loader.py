@@ -12,7 +12,8 @@ from helpers import TINY, make_cfg
 
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
 from episodic.data.loader import BatchLoader, EpochBatchSampler, batch_seed
-from episodic.engine import Trainer, batch_indices, epoch_order
+from episodic.data.loader import batch_indices, epoch_order
+from episodic.engine import Trainer
 from episodic.errors import EpisodicError
 
 N, B = 23, 5  # 4 batches per epoch, 3 images dropped

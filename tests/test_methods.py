@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY, make_cfg
+from helpers import TINY, make_cfg, pair
 
 from episodic.engine import Trainer
 from episodic.heads import HEADS
@@ -47,18 +47,18 @@ def test_moco_is_infonce_against_keys_and_queue() -> None:
     moco = METHODS.build("moco", encoder=encoder(), queue_size=6).train()
     head = HEADS.build("contrastive", temperature=0.2, symmetric=False)
     ep = images(b=4)
-    queue0 = moco.queue.clone()
-    out = moco(ep, head)
+    queue0 = moco.queue.rows.clone()
+    out = pair(moco, ep, head)
     with torch.no_grad():  # the same passes again (train-mode BN: each batch's own statistics)
         q = F.normalize(moco.encoder(ep.query[0]), dim=-1)
         k_raw = moco.momentum_encoder(ep.support[0])
         k = F.normalize(k_raw, dim=-1)
     logits = torch.cat([q @ k.T, q @ F.normalize(queue0, dim=-1).T], 1) / 0.2
     assert out.loss.item() == pytest.approx(F.cross_entropy(logits, torch.arange(4)).item(), abs=1e-5)
-    assert torch.allclose(moco.queue[:4], k_raw, atol=1e-6) and torch.equal(moco.queue[4:], queue0[4:])
-    assert int(moco.queue_ptr) == 4
-    moco(ep, head)  # a ring buffer: rows 4, 5, 0, 1
-    assert int(moco.queue_ptr) == 2 and torch.allclose(moco.queue[4:], k_raw[:2], atol=1e-6)
+    assert torch.allclose(moco.queue.rows[:4], k_raw, atol=1e-6) and torch.equal(moco.queue.rows[4:], queue0[4:])
+    assert int(moco.queue.ptr) == 4
+    pair(moco, ep, head)  # a ring buffer: rows 4, 5, 0, 1
+    assert int(moco.queue.ptr) == 2 and torch.allclose(moco.queue.rows[4:], k_raw[:2], atol=1e-6)
 
 
 def test_moco_momentum_encoder_is_frozen_and_averaged() -> None:
@@ -68,7 +68,7 @@ def test_moco_momentum_encoder_is_frozen_and_averaged() -> None:
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not trained & {id(p) for p in moco.momentum_encoder.parameters()}
     head = HEADS.build("protonet")
-    moco(images(), head).loss.backward()
+    pair(moco, images(), head).loss.backward()
     assert all(p.grad is None for p in moco.momentum_encoder.parameters())
     opt.step()
     before = [p.clone() for p in moco.momentum_encoder.parameters()]
@@ -81,10 +81,10 @@ def test_moco_symmetric_adds_the_swapped_loss() -> None:
     moco = METHODS.build("moco", encoder=encoder(), queue_size=0, symmetric=True, predictor_hidden=16).train()
     head = HEADS.build("contrastive", temperature=0.3, symmetric=False)
     ep = images(b=4, n_supp=1, n_query=2)
-    out = moco(ep, head)
+    out = pair(moco, ep, head)
     swapped = ep.replace(support=ep.query, query=ep.support, support_labels=ep.query_labels,
                          query_labels=ep.support_labels, n_supp=2, n_query=1)
-    ref = head(moco._embed(ep, head)).loss + head(moco._embed(swapped, head)).loss
+    ref = head(moco._embed(ep, head.transform_embeddings)).loss + head(moco._embed(swapped, head.transform_embeddings)).loss
     assert out.loss.item() == pytest.approx(ref.item(), abs=1e-5)
 
 
@@ -92,7 +92,7 @@ def test_moco_queue_with_ridge_and_protonet_heads() -> None:
     for name in ["r2d2", "protonet"]:
         moco = METHODS.build("moco", encoder=encoder(), queue_size=5).train()
         head = HEADS.build(name)
-        out = moco(images(b=4), head)
+        out = pair(moco, images(b=4), head)
         assert out.logits.shape == (1, 4, 4) and math.isfinite(out.loss.item())
         out.loss.backward()
         assert moco.encoder.projector.net[0].weight.grad.abs().sum() > 0
@@ -105,9 +105,9 @@ def test_moco_queue_is_restored_on_resume(tmp_path: Path) -> None:
     a.fit()
     ckpt = tmp_path / "a" / "checkpoints" / "step_0000002.pt"
     b = Trainer(make_cfg(*base, f"resume={ckpt}"), tmp_path / "b")
-    assert b.step == 2 and int(b.model.method.queue_ptr) == 2 * 32 % 40
+    assert b.step == 2 and int(b.model.method.queue.ptr) == 2 * 32 % 40
     b.fit()
-    for key in ["method.queue", "method.queue_ptr", "method.momentum_encoder.projector.net.0.weight"]:
+    for key in ["method.queue.rows", "method.queue.ptr", "method.momentum_encoder.projector.net.0.weight"]:
         assert torch.equal(a.model.state_dict()[key], b.model.state_dict()[key]), key
     loss = [json.loads(x)["loss"] for x in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
     assert loss[-1] == pytest.approx(a.history[-1]["loss"], abs=1e-6)
@@ -117,7 +117,7 @@ def test_moco_queue_is_restored_on_resume(tmp_path: Path) -> None:
 def test_byol_symmetric_is_the_byol_loss() -> None:
     byol = METHODS.build("byol", encoder=encoder(), predictor_hidden=16).train()
     ep = images(b=4)
-    out = byol(ep, HEADS.build("protonet"))
+    out = pair(byol, ep, HEADS.build("protonet"))
     x = torch.cat([ep.support[0], ep.query[0]])
     with torch.no_grad():
         p = F.normalize(byol.predictor(byol.encoder(x)), dim=-1)
@@ -132,7 +132,7 @@ def test_byol_mixed_queries_regress_onto_mixed_prototypes() -> None:
     ep = images(b=3, n_supp=2, n_query=1)
     w = torch.tensor([[0.7, 0.4, 1.0]])
     ep = ep.replace(query_labels_mix=ep.query_labels.roll(1, -1), mix_weight=w)
-    out = byol(ep, HEADS.build("r2d2"))
+    out = pair(byol, ep, HEADS.build("r2d2"))
     with torch.no_grad():
         p = F.normalize(byol.predictor(byol.encoder(ep.query[0])), dim=-1)
         t = F.normalize(byol.target(ep.support[0]), dim=-1)  # rows: view 0 of images 0-2, then view 1
@@ -148,7 +148,7 @@ def test_byol_trains_online_and_predictor_not_target() -> None:
     byol = METHODS.build("byol", encoder=encoder(), predictor_hidden=16, momentum=0.5,
                          momentum_schedule="constant")
     head = HEADS.build("r2d2")
-    byol(images(), head).loss.backward()
+    pair(byol, images(), head).loss.backward()
     assert byol.predictor.net[0].weight.grad.abs().sum() > 0
     assert byol.encoder.projector.net[0].weight.grad is not None
     assert all(p.grad is None for p in byol.target.parameters())

@@ -1,6 +1,7 @@
 """Optimisers, the schedule and checkpoint files."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,8 @@ def test_warmup_cosine_values() -> None:
 
 
 def test_unknown_optimizer() -> None:
-    with pytest.raises(EpisodicError, match="unknown optimizer 'sgdd'; allowed: sgd, adam, adamw, lars"):
+    message = re.escape("unknown optimizer 'sgdd' (did you mean 'sgd'?); allowed: adam, adamw, lars, sgd")
+    with pytest.raises(EpisodicError, match=message):
         build_optimizer(nn.Linear(2, 2), "sgdd", lr=0.1)
 
 

@@ -25,7 +25,8 @@ import torch
 from helpers import ROOT, TINY, make_cfg
 
 from episodic import checkpoint
-from episodic.engine import Trainer, newest_valid_checkpoint, prune_checkpoints
+from episodic.checkpoint import newest_valid, prune
+from episodic.engine import Trainer
 from episodic.errors import EpisodicError
 from episodic.heads.base import HeadOutput
 
@@ -130,7 +131,7 @@ def test_sigterm_checkpoints_that_step_and_exits_cleanly(signalled: dict[str, An
     path = run / "checkpoints" / f"step_{step:07d}.pt"
     assert Path(m.group(2)) == path and 3 <= step < 1000
     state = checkpoint.load(path)
-    assert state["step"] == step and state["sampler"]["step"] == step and len(state["rng"]) == 1
+    assert state["step"] == step and state["data_order"]["step"] == step and len(state["rng"]) == 1
     assert not (run / "checkpoints" / "last.pt").exists() and not (run / "results.json").exists()
 
 
@@ -222,9 +223,9 @@ def test_auto_takes_the_highest_step_last_pt_included(tmp_path: Path) -> None:
     for step in (2, 4):
         checkpoint.save({"step": step, "model": {}}, folder / f"step_{step:07d}.pt")
     checkpoint.save({"step": 3, "model": {}}, folder / "last.pt")  # a finished run, then extended
-    assert newest_valid_checkpoint(tmp_path)[0].name == "step_0000004.pt"  # type: ignore[index]
+    assert newest_valid(tmp_path)[0].name == "step_0000004.pt"  # type: ignore[index]
     checkpoint.save({"step": 4, "model": {}}, folder / "last.pt")
-    assert newest_valid_checkpoint(tmp_path)[0].name == "last.pt"  # type: ignore[index]
+    assert newest_valid(tmp_path)[0].name == "last.pt"  # type: ignore[index]
     (folder / "step_0000002.pt.tmp").write_bytes(b"half")
-    prune_checkpoints(folder, keep_last=1)
+    prune(folder, keep_last=1)
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_0000004.pt"]

@@ -50,7 +50,7 @@ def rotation_of(a: torch.Tensor, b: torch.Tensor) -> int | None:
 
 def test_rotate_replace_turns_all_views_of_an_image_alike() -> None:
     _, ep = episode()
-    out = Rotate(CTX, p=1.0).apply(ep, draw())
+    out = Rotate(CTX, p=1.0)(ep, draw())
     assert out.n_way == 3 and out.support.shape == ep.support.shape and out.query.shape == ep.query.shape
     assert torch.equal(out.support_labels, ep.support_labels) and torch.equal(out.query_labels, ep.query_labels)
     before, after = image_views(ep), image_views(out)  # [E, V, n, ...]
@@ -60,14 +60,14 @@ def test_rotate_replace_turns_all_views_of_an_image_alike() -> None:
             k = {rotation_of(before[e, v, i], after[e, v, i]) for v in range(3)}
             assert len(k) == 1 and k.pop() in (1, 2, 3)  # one rotation, shared by every view, never 0
             ks.append(rotation_of(before[e, 0, i], after[e, 0, i]))
-    assert torch.equal(Rotate(CTX, p=0.0).apply(ep, draw()).support, ep.support)
+    assert torch.equal(Rotate(CTX, p=0.0)(ep, draw()).support, ep.support)
     # images are rotated independently: the 6 images do not all get the same k
     assert len(set(ks)) > 1
 
 
 def test_rotate_probability_and_k_distribution() -> None:
     _, ep = episode(b=600, ns=1, nq=1, n_way=None, c=1, h=3)
-    out = Rotate(CTX, p=0.3).apply(ep, draw(1))
+    out = Rotate(CTX, p=0.3)(ep, draw(1))
     before, after = image_views(ep)[0, 0], image_views(out)[0, 0]
     ks = torch.tensor([rotation_of(before[i], after[i]) for i in range(600)])
     rotated = (ks > 0).sum().item()
@@ -78,7 +78,7 @@ def test_rotate_probability_and_k_distribution() -> None:
 
 def test_rotate_add_appends_rotated_copies_as_new_classes() -> None:
     _, ep = episode(b=8, ns=1, nq=2, n_way=4)
-    out = Rotate(CTX, p=0.5, mode="add").apply(ep, draw(3))
+    out = Rotate(CTX, p=0.5, mode="add")(ep, draw(3))
     assert out.n_way == 6 and out.support.shape[1] == 6 and out.query.shape[1] == 12
     assert out.support_labels.tolist() == [list(range(6))] * 2
     assert out.query_labels.tolist() == [list(range(6)) * 2] * 2
@@ -95,26 +95,26 @@ def test_rotate_add_appends_rotated_copies_as_new_classes() -> None:
                 assert torch.equal(torch.rot90(before[e, v, i], k, dims=(-2, -1)), after[e, v, j])
             sources.append(i)
         assert len(set(sources)) == 2  # two distinct source images
-    assert Rotate(CTX, p=0.0, mode="add").apply(ep, draw()) is ep
+    assert Rotate(CTX, p=0.0, mode="add")(ep, draw()) is ep
 
 
 def test_rotate_needs_square_views() -> None:
     views = torch.rand(2, 4, 1, 3, 5)
     with pytest.raises(EpisodicError, match=r"need square images, got \(3, 5\)"):
-        Rotate(CTX, p=1.0).apply(ViewSampler(1, 1)(views), draw())
+        Rotate(CTX, p=1.0)(ViewSampler(1, 1)(views), draw())
 
 
 # ------------------------------------------------------------------ invert, crop
 
 def test_invert_in_pixel_and_normalised_space() -> None:
     _, ep = episode()
-    out = Invert(CTX, p=1.0).apply(ep, draw())
+    out = Invert(CTX, p=1.0)(ep, draw())
     assert torch.allclose(out.support, 1 - ep.support) and torch.allclose(out.query, 1 - ep.query)
     ctx = TaskContext(mean=(0.5, 0.25), std=(0.2, 0.4))
-    out = Invert(ctx, p=1.0).apply(ep, draw())
+    out = Invert(ctx, p=1.0)(ep, draw())
     m, s = torch.tensor([0.5, 0.25]).view(2, 1, 1), torch.tensor([0.2, 0.4]).view(2, 1, 1)
     assert torch.allclose(out.query * s + m, 1 - (ep.query * s + m), atol=1e-6)
-    half = Invert(CTX, p=0.5).apply(ep, draw(2))
+    half = Invert(CTX, p=0.5)(ep, draw(2))
     flipped = [torch.allclose(image_views(half)[e, :, i], 1 - image_views(ep)[e, :, i]) for e in range(2) for i in range(3)]
     kept = [torch.equal(image_views(half)[e, :, i], image_views(ep)[e, :, i]) for e in range(2) for i in range(3)]
     assert all(f != k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
@@ -141,7 +141,7 @@ def test_crop_shares_one_box_per_image() -> None:
     ramp = torch.arange(w, dtype=torch.float32).view(1, w).expand(w, w)
     views = torch.stack([ramp + 10 * i for i in range(4)]).view(1, 4, 1, w, w).expand(3, 4, 1, w, w).contiguous()
     ep = ViewSampler(1, 2)(views)
-    out = image_views(LargeCrop(CTX, p=1.0, scale=[0.25, 0.25]).apply(ep, draw()))[0]  # [V, n, 1, w, w]
+    out = image_views(LargeCrop(CTX, p=1.0, scale=[0.25, 0.25])(ep, draw()))[0]  # [V, n, 1, w, w]
     for i in range(4):
         assert all(torch.equal(out[0, i], out[v, i]) for v in (1, 2))  # same box on every view
         slope = out[0, i, 0, 0, 5] - out[0, i, 0, 0, 4]
@@ -176,7 +176,7 @@ def _constant_queries(n_query: int = 2, b: int = 8, n_way: int = 4, h: int = 6):
 
 def test_mixup_mixes_with_another_class_of_the_same_view_slot() -> None:
     ep = _constant_queries()
-    out = QueryMix(CTX, p=1.0, cutmix_p=0.0, alpha=1.0, keep_clean=False).apply(ep, draw(4))
+    out = QueryMix(CTX, p=1.0, cutmix_p=0.0, alpha=1.0, keep_clean=False)(ep, draw(4))
     q, qo = ep.query[..., 0, 0, 0], out.query  # [E, Nq] values; out [E, Nq, 1, h, h]
     n = ep.n_way
     assert out.query.shape == ep.query.shape and torch.equal(out.query_labels, ep.query_labels)
@@ -194,7 +194,7 @@ def test_mixup_mixes_with_another_class_of_the_same_view_slot() -> None:
 
 def test_cutmix_pastes_one_box_and_weights_by_kept_area() -> None:
     ep = _constant_queries(h=10)
-    out = QueryMix(CTX, p=1.0, cutmix_p=1.0, keep_clean=False).apply(ep, draw(5))
+    out = QueryMix(CTX, p=1.0, cutmix_p=1.0, keep_clean=False)(ep, draw(5))
     q, n = ep.query[..., 0, 0, 0], ep.n_way
     for e in range(2):
         for r in range(ep.query.shape[1]):
@@ -212,19 +212,19 @@ def test_cutmix_pastes_one_box_and_weights_by_kept_area() -> None:
 
 def test_query_mix_keeps_clean_queries_and_probability() -> None:
     ep = _constant_queries()
-    out = QueryMix(CTX, p=1.0).apply(ep, draw(6))
+    out = QueryMix(CTX, p=1.0)(ep, draw(6))
     nq = ep.query.shape[1]
     assert out.query.shape[1] == 2 * nq and torch.equal(out.query[:, :nq], ep.query)
     assert torch.equal(out.query_labels, torch.cat([ep.query_labels, ep.query_labels], 1))
     assert torch.equal(out.query_labels_mix[:, :nq], ep.query_labels) and (out.mix_weight[:, :nq] == 1).all()
-    none = QueryMix(CTX, p=0.0, keep_clean=False).apply(ep, draw(6))
+    none = QueryMix(CTX, p=0.0, keep_clean=False)(ep, draw(6))
     assert torch.equal(none.query, ep.query) and (none.mix_weight == 1).all()
     _, big = episode(b=400, ns=1, nq=1, n_way=None, c=1, h=4)
-    half = QueryMix(CTX, p=0.5, cutmix_p=0.0, keep_clean=False).apply(big, draw(7))
+    half = QueryMix(CTX, p=0.5, cutmix_p=0.0, keep_clean=False)(big, draw(7))
     mixed = (half.mix_weight < 1).sum().item()
     assert abs(mixed - 200) < 5 * 10
     with pytest.raises(EpisodicError, match="can be applied once"):
-        QueryMix(CTX).apply(out, draw())
+        QueryMix(CTX)(out, draw())
 
 
 def test_box_masks_clip_at_the_border() -> None:
@@ -243,7 +243,7 @@ def test_mixed_loss_uses_both_label_sets() -> None:
     """Episode loss of a mixed episode (ProtoNet head) = mean_j w_j CE(y_j) + (1 - w_j) CE(y'_j)."""
     ep = _constant_queries(n_query=1, b=4, n_way=4)
     ep = ep.replace(support=torch.randn(1, 4, 1, 6, 6, generator=gen(9)))
-    out = QueryMix(CTX, p=1.0, cutmix_p=0.5).apply(ep, draw(9))
+    out = QueryMix(CTX, p=1.0, cutmix_p=0.5)(ep, draw(9))
     enc = nn.Sequential(nn.Flatten(), nn.Linear(36, 5)).double()
     emb = out.replace(support=out.support.double(), query=out.query.double()).embed(enc)
     head = ProtoNetHead(temperature=0.5, normalize=False)
@@ -260,7 +260,7 @@ def test_mixed_loss_uses_both_label_sets() -> None:
 def test_rotation_loss_batch_and_value() -> None:
     _, ep = episode(b=6, ns=2, nq=2, n_way=3)
     rot = RotationLoss(CTX, weight=0.7, share=0.5)
-    batch = rot.prepare(ep, draw(10), 0, 10)
+    batch = rot.aux_batch(ep, draw(10), 0, 10)
     allv = torch.cat([ep.support.flatten(0, 1), ep.query.flatten(0, 1)])  # 24 views
     assert batch.images.shape == (12, 2, 5, 5) and batch.weight == pytest.approx(0.7)
     sources = []
@@ -273,7 +273,7 @@ def test_rotation_loss_batch_and_value() -> None:
     enc = nn.Sequential(nn.Flatten(), nn.Linear(50, 8))
     z = F.normalize(enc(batch.images), dim=-1)
     manual = F.cross_entropy(z @ rot.classifier.weight.T + rot.classifier.bias, batch.targets)
-    assert torch.isclose(rot.loss(enc, batch), manual)
+    assert torch.isclose(rot.aux_loss(enc, batch), manual)
 
 
 def test_rotation_weight_decay() -> None:

@@ -82,7 +82,7 @@ def test_neutral_setting_is_the_base_head(kind: str, variant: str, params: dict)
     assert abs(a.loss.item() - b.loss.item()) < 1e-12
     assert torch.allclose(a.logits, b.logits, atol=1e-12, rtol=0)
     if variant == "soft_neighbors":
-        assert int(var.variants[variant].written) == 0  # k = 0 writes nothing
+        assert int(var.variants[variant].bank.written) == 0  # k = 0 writes nothing
 
 
 @pytest.mark.parametrize("kind", ["contrastive", "contrastive_asym", "protonet", "protonet_cos"])
@@ -149,7 +149,7 @@ def test_t_kernel_is_the_official_t_moco_loss() -> None:
     g = torch.Generator().manual_seed(7)
     q, k, queue = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (4, 4, 3))
     h = head("contrastive_asym", {"t_kernel": {"dof": 5, "standardize": "bn"}})
-    ep = ViewSampler(1, 1)(torch.stack([h.prepare(k), h.prepare(q)]))  # each pass standardised on its own
+    ep = ViewSampler(1, 1)(torch.stack([h.transform_embeddings(k), h.transform_embeddings(q)]))  # each pass standardised on its own
     out = h(ep, memory=queue)
     qn, kn, T, nu = bn(q.numpy()), bn(k.numpy()), 0.5, 5.0
     total = 0.0
@@ -189,9 +189,9 @@ def test_t_kernel_ridge_is_kernel_ridge(dof: float | str) -> None:
 # ----------------------------------------------------------------- soft neighbours
 def set_bank(h: Head, bank: torch.Tensor) -> None:
     v = h.variants["soft_neighbors"]
-    v.bank.copy_(bank)
-    v.ptr.zero_()
-    v.written.zero_()
+    v.bank.rows.copy_(bank)
+    v.bank.ptr.zero_()
+    v.bank.written.zero_()
 
 
 def test_soft_neighbors_contrastive_hand_value() -> None:
@@ -213,10 +213,10 @@ def test_soft_neighbors_contrastive_hand_value() -> None:
         total += -logp[a] - (w * logp[3 + 2 * a : 5 + 2 * a]).sum()
     assert out.loss.item() == pytest.approx(total / 3, abs=1e-12)
     v = h.variants["soft_neighbors"]  # ring buffer: the 3 support rows at 0..2, pointer at 3
-    assert torch.allclose(v.bank[:3], torch.from_numpy(s)) and torch.equal(v.bank[3], bank[3])
-    assert int(v.ptr) == 3 and int(v.written) == 3
+    assert torch.allclose(v.bank.rows[:3], torch.from_numpy(s)) and torch.equal(v.bank.rows[3], bank[3])
+    assert int(v.bank.ptr) == 3 and int(v.bank.written) == 3
     h(ep)  # wraps: rows 3, 0, 1
-    assert int(v.ptr) == 2 and torch.allclose(v.bank[3], torch.from_numpy(s[0]))
+    assert int(v.bank.ptr) == 2 and torch.allclose(v.bank.rows[3], torch.from_numpy(s[0]))
 
 
 def test_soft_neighbors_ridge_hand_value_and_warmup() -> None:
@@ -359,7 +359,7 @@ def test_gradcheck(variant: str, kind: str) -> None:
     def loss(s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         h.load_state_dict(state)  # the soft-neighbour bank is written by every forward
         torch.manual_seed(0)  # the same FT permutation every time
-        s, q = h.prepare(s.flatten(0, 1)).view_as(s), h.prepare(q.flatten(0, 1)).view_as(q)
+        s, q = h.transform_embeddings(s.flatten(0, 1)).view_as(s), h.transform_embeddings(q.flatten(0, 1)).view_as(q)
         return h(ep.replace(support=s, query=q)).loss
 
     assert torch.autograd.gradcheck(loss, (s, q))
@@ -397,7 +397,7 @@ def test_pairing_refusals() -> None:
     moco = METHODS.build("moco", encoder=enc, queue_size=16)
     with pytest.raises(EpisodicError, match="^method=moco with queue_size=16 adds that many classes to the "
                                             "head, which head=svm cannot take"):
-        attach_variants(HEADS.build("svm"), {}, moco, 4)
+        moco.validate_head(HEADS.build("svm"))
     with pytest.raises(EpisodicError, match="^variant=t_kernel with head=r2d2 solves an n x n kernel system"):
         attach_variants(HEADS.build("r2d2"), {"t_kernel": {}}, moco, 4)
 
@@ -460,6 +460,6 @@ def test_t_kernel_standardisation_is_batchnorm_without_affine() -> None:
     h = head("contrastive", {"t_kernel": {}})
     z = torch.randn(7, 5, dtype=torch.float64)
     ref = torch.nn.BatchNorm1d(5, affine=False).double().train()(z)
-    assert torch.allclose(h.prepare(z), ref, atol=1e-12) and h.replaces_l2
+    assert torch.allclose(h.transform_embeddings(z), ref, atol=1e-12) and h.replaces_l2
     with pytest.raises(EpisodicError, match="needs more than one embedding per encoder pass"):
-        h.prepare(z[:1])
+        h.transform_embeddings(z[:1])

@@ -1,8 +1,8 @@
 """Training batches: a ``DataLoader`` over whole batches with a deterministic, resumable order.
 
-The order is the trainer's: step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch``, and
-epoch ``e`` is the permutation ``order(e)`` (the trainer passes :func:`episodic.engine.epoch_order`
-seeded by ``(seed, e)``); the last incomplete batch of an epoch is dropped. Under data parallelism
+The order: step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch``, and epoch ``e`` is the
+permutation ``order(e)`` (the trainer passes :func:`epoch_order`, seeded by ``(seed, e)``); the last
+incomplete batch of an epoch is dropped. Under data parallelism
 rank ``r`` of ``world_size`` takes the ``r``-th contiguous slice of every global batch.
 
 Where augmentation runs (``loader.augment``):
@@ -33,9 +33,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view, pil_transform
 from episodic.errors import check
 
-__all__ = ["MODES", "BatchLoader", "EpochBatchSampler", "BatchFetcher", "batch_seed"]
+__all__ = ["MODES", "BatchLoader", "EpochBatchSampler", "BatchFetcher", "batch_indices", "batch_seed", "epoch_order"]
 
 MODES = ("device", "worker", "pil")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The deterministic permutation of ``n`` indices for ``epoch``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
+    """Endless drop-last batches of indices; step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch``."""
+    per_epoch = n // batch_size
+    check(per_epoch >= 1, f"batch_size={batch_size} is larger than the {n} training images; use a smaller batch")
+    step = start_step
+    while True:
+        epoch, i = divmod(step, per_epoch)
+        order = epoch_order(n, seed, epoch)
+        for j in range(i, per_epoch):
+            yield order[j * batch_size : (j + 1) * batch_size]
+            step += 1
 
 
 def batch_seed(seed: int, rank: int, step: int) -> int:

@@ -53,7 +53,7 @@ class EvalContext:
 
 def build_context(cfg: DictConfig, data_choice: str | None = None) -> EvalContext:
     """Load checkpoint and data per the ``evaluate`` config (see the module docstring)."""
-    from episodic.engine import resolve_device
+    from episodic.device import resolve_device
 
     check(not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
           "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)")

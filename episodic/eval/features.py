@@ -157,7 +157,7 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu",
     ``expect`` (a ``backbone`` config node, optional) names the backbone the caller wants; a
     checkpoint holding another architecture is refused with one line.
     """
-    from episodic.engine import build_model
+    from episodic.model import build_model
 
     path = Path(path)
     state = checkpoint.load(path)
@@ -168,8 +168,8 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu",
         check(expect.name == cfg.backbone.name,
               f"checkpoint '{path}' holds a {describe_backbone(cfg)} backbone, not {expect.name}; "
               f"give a {expect.name} checkpoint or drop backbone={expect.name}")
-    trained = build_model(cfg).method.encoder.backbone
-    random_init = build_model(cfg).method.encoder.backbone
+    trained = build_model(cfg).backbone
+    random_init = build_model(cfg).backbone
     weights = backbone_state(state["model"])
     check(bool(weights), f"checkpoint '{path}' holds no encoder backbone weights")
     try:

@@ -5,8 +5,8 @@ every encoder, so head-to-head and trained-vs-random-init differences are paired
 mean over episodes with a 95% confidence interval ``1.96 * std / sqrt(episodes)`` (MetaOptNet's
 protocol: 5-way 1-shot and 5-shot, 15 queries per class, 1,000 test episodes).
 
-Heads on frozen features: any registered head (``protonet``, ``r2d2`` = ridge, ``svm`` = the
-Crammer-Singer QP head, ...) built through ``HEADS``, plus :class:`LogRegHead`: L2-regularised
+Heads on frozen features (``EVAL_HEADS``): any registered head (``protonet``, ``r2d2`` = ridge, ``svm`` =
+the Crammer-Singer QP head, ...), plus :class:`LogRegHead` (``logreg``): L2-regularised
 multinomial logistic regression fitted on each episode's support set (the linear classifier of
 Tian et al. 2020, "Rethinking few-shot image classification", on L2-normalised features).
 
@@ -29,6 +29,7 @@ from torch import Tensor
 from episodic.data.datasets import ArrayDataset
 from episodic.errors import check
 from episodic.heads.base import HEADS, Head
+from episodic.registry import Registry
 
 if TYPE_CHECKING:
     from episodic.eval.context import EvalContext
@@ -100,6 +101,10 @@ def fewshot_accuracy(features: Tensor, labels: Tensor, head: Head, n_way: int = 
     return mean_ci95(episode_accuracies(features, sup, qry, head, n_way, k_shot, n_query, chunk))
 
 
+EVAL_HEADS: Registry[type[Head]] = Registry("evaluation head", None, extends=HEADS)
+
+
+@EVAL_HEADS.register("logreg")
 class LogRegHead(Head):
     """Multinomial logistic regression fitted on each episode's support set (L-BFGS, float64).
 
@@ -151,10 +156,10 @@ class LogRegHead(Head):
 
 
 def build_eval_head(name: str, params: Any = None) -> Head:
-    """``logreg`` or any registered head, from a params mapping (eval mode, no learning)."""
+    """An evaluation head (``EVAL_HEADS``: every training head, and ``logreg``) from a params mapping, in
+    eval mode."""
     p = dict(OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else (params or {}))
-    head = LogRegHead(**p) if name == "logreg" else HEADS.build(name, **p)
-    return head.eval()
+    return EVAL_HEADS.build(name, **p).eval()
 
 
 def fewshot_source(data: Any, data_cfg: DictConfig, split: str = "auto", classes: Any = None) -> ArrayDataset:
@@ -180,7 +185,7 @@ def run_fewshot(ctx: EvalContext, ev: DictConfig) -> dict[str, Any]:
 
     fs = fewshot_source(ctx.data, ctx.data_cfg, str(ev.split), ev.get("classes"))
     heads = {name: build_eval_head(name, (ev.get("head_params") or {}).get(name)) for name in ev.heads}
-    check(len(heads) > 0, "eval.heads is empty; name at least one of logreg, " + ", ".join(HEADS.names()))
+    check(len(heads) > 0, "eval.heads is empty; name at least one of " + ", ".join(EVAL_HEADS.names()))
     episodes = {shot: sample_episodes(fs.labels, int(ev.ways), int(shot), int(ev.queries), int(ev.episodes),
                                       int(ev.seed)) for shot in ev.shots}
     out: dict[str, Any] = {name: {} for name in heads}

@@ -20,7 +20,7 @@ resumed run first drops the lines after its checkpoint's step).
 from __future__ import annotations
 
 import json
-import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from episodic.data.datasets import ArrayDataset
 from episodic.errors import check
 from episodic.eval.features import extract_features, labelled
+from episodic.monitor import Progress
 
 if TYPE_CHECKING:
     from episodic.eval.context import EvalContext
@@ -77,47 +78,50 @@ def knn_eval(backbone: nn.Module, train: ArrayDataset, test: ArrayDataset, k: in
 
 
 class KNNMonitor:
-    """Periodic kNN accuracy of the trainer's backbone (a no-op when ``eval.knn_every`` is 0 or absent)."""
+    """Periodic kNN accuracy of the model's backbone, a :class:`episodic.monitor.Monitor` (a no-op when
+    ``every`` is 0 or on ranks > 0).
 
-    def __init__(self, trainer: Any) -> None:
-        ev = trainer.cfg.eval
-        self.every = int(ev.get("knn_every", 0) or 0)
-        unit = str(ev.get("knn_unit", "epochs"))
+    Args:
+        every, unit: evaluate every ``every`` epochs (``unit="epochs"``) or steps, and at the last step.
+        k, temperature: the classifier's settings.
+        steps_per_epoch: optimizer steps in one pass over the training images.
+        path: the ``knn.jsonl`` file; lines after ``resumed_step`` (a killed run's) are dropped.
+        main: whether this process logs (rank 0).
+        mean, std: the data's normalisation.
+    """
+
+    def __init__(self, every: int, unit: str, k: int, temperature: float, steps_per_epoch: int, path: Path,
+                 resumed_step: int = 0, main: bool = True, mean: Any = None, std: Any = None) -> None:
         check(unit in ("epochs", "steps"), f"eval.knn_unit={unit!r} is not allowed; use epochs or steps")
-        check(self.every >= 0, f"eval.knn_every={self.every} is not allowed; use 0 (off) or a positive integer")
-        self.k, self.temperature = int(ev.get("knn_k", 200)), float(ev.get("knn_t", 0.1))
-        per_epoch = max(1, len(trainer.train_set) // int(trainer.cfg.batch_size))
-        self.interval = self.every * (per_epoch if unit == "epochs" else 1)
-        dist = getattr(trainer, "dist", None)
-        self.enabled = self.every > 0 and (dist is None or bool(dist.is_main))
+        check(every >= 0, f"eval.knn_every={every} is not allowed; use 0 (off) or a positive integer")
+        self.k, self.temperature, self.mean, self.std = k, temperature, mean, std
+        self.interval = every * (max(1, steps_per_epoch) if unit == "epochs" else 1)
+        self.enabled = every > 0 and main
         self.last: float | None = None
-        self.path = trainer.run_dir / "knn.jsonl"
+        self.path = path
         if self.enabled and self.path.is_file():  # a resumed run drops what was logged after its checkpoint
-            keep = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= trainer.step]
+            keep = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resumed_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
             self.last = keep[-1]["knn_acc"] if keep else None
 
     def due(self, step: int, total: int) -> bool:
         return self.enabled and (step % self.interval == 0 or step == total)
 
-    def after_step(self, trainer: Any, writer: Any, bar: Any) -> float:
-        """Evaluate when due (logging it) and keep ``knn=`` on the progress bar; the seconds spent."""
-        t0 = time.perf_counter()
-        if self.due(trainer.step, trainer.steps):
-            model = getattr(trainer.model, "module", trainer.model)
-            aug = trainer.cfg.data.augment
-            acc = knn_eval(model.method.encoder.backbone, trainer.data.train, trainer.data.test, self.k,
-                           self.temperature, trainer.device, aug.get("mean"), aug.get("std"))
+    def after_step(self, progress: Progress) -> None:
+        """Evaluate when due (logging it) and keep ``knn=`` on the progress bar."""
+        if self.due(progress.step, progress.total):
+            acc = knn_eval(progress.model.backbone, progress.data.train, progress.data.test, self.k,
+                           self.temperature, progress.device, self.mean, self.std)
             self.last = acc
-            writer.add_scalar("eval/knn_acc", acc, trainer.step)
+            progress.writer.add_scalar("eval/knn_acc", acc, progress.step)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": trainer.step, "knn_acc": acc}) + "\n")
+                f.write(json.dumps({"step": progress.step, "knn_acc": acc}) + "\n")
+        bar = progress.bar
         postfix = getattr(bar, "postfix", None) or ""
         if self.last is not None and not getattr(bar, "disable", False) and "knn=" not in postfix:
             shown = f"{postfix}, " if postfix else ""
             bar.set_postfix_str(f"{shown}knn={self.last:.1f}", refresh=False)
-        return time.perf_counter() - t0
 
 
 def run_knn(ctx: EvalContext, ev: Any) -> dict[str, Any]:

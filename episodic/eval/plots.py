@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from episodic.eval.features import extract_features, labelled
+from episodic.model import EpisodicModel, build_model
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -59,26 +59,26 @@ def episode_scores(logits: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def collect_scores(model: torch.nn.Module, images: Tensor, augment: Any, sampler: Any, batch_size: int,
-                   seed: int = 0, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """Positive and negative head scores of ``model`` (an ``EpisodicModel``) on training-style episodes.
+def collect_scores(model: EpisodicModel, images: Tensor, augment: Any, batch_size: int, seed: int = 0,
+                   device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """Positive and negative head scores of ``model`` on training-style episodes of ``batch_size`` images.
 
-    Runs a copy in eval mode (BatchNorm uses its running statistics; no cross-process
-    synchronisation), so neither the model nor any queue or statistic of the original changes.
+    ``model`` must be a one-process model (:func:`~episodic.model.build_model` without a scope: no
+    collective calls from the main process alone); it runs in eval mode (BatchNorm uses its running
+    statistics), task augmentations drawn from a generator seeded by ``seed``. Its train/eval mode is
+    restored afterwards.
     """
     from episodic.data.augment import multi_view
 
-    m = copy.deepcopy(model).eval()
-    if hasattr(m, "scope"):
-        m.scope = None  # episodes of this process only: no collective calls from the main process alone
+    was_training = model.training
+    model.eval()
     g_cpu = torch.Generator().manual_seed(seed)
     g_aug = torch.Generator().manual_seed(seed + 1)  # augmentation draws happen on the CPU
     idx = torch.randperm(len(images), generator=g_cpu)[:batch_size]
-    views = multi_view(augment, images[idx].to(device), sampler.n_views, g_aug)
-    episode = sampler(views)
-    out = m(episode)
-    labels = getattr(m, "last_query_labels", None)
-    return episode_scores(out.logits, labels if labels is not None else episode.query_labels)
+    views = multi_view(augment, images[idx].to(device), model.sampler.n_views, g_aug)
+    out = model(views, torch.Generator().manual_seed(seed + 2))
+    model.train(was_training)
+    return episode_scores(out.logits, out.query_labels)
 
 
 def plot_score_histograms(scores: dict[str, tuple[Tensor, Tensor]], title: str = "") -> Figure:
@@ -146,27 +146,26 @@ def save_run_plots(trainer: Any, run_dir: str | Path | None = None) -> dict[str,
     """Draw the three pictures of a finished :class:`~episodic.engine.Trainer` run; ``{name: png path}``."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from episodic.engine import build_model
-
     cfg = trainer.cfg
     run_dir = Path(run_dir or trainer.run_dir)
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = getattr(trainer.model, "module", trainer.model)
+    model = build_model(cfg).to(trainer.device)  # the trained weights in a one-process model
+    model.load_state_dict(trainer.model.state_dict())
     baseline = build_model(cfg).to(trainer.device)
     label = f"{cfg.head.name} on {cfg.data.name}, {trainer.step} steps"
     figs: dict[str, Figure] = {
         "accuracy": plot_accuracy_curve(read_jsonl(run_dir / "history.jsonl"), read_jsonl(run_dir / "knn.jsonl"),
                                         f"accuracy versus step ({label})")}
     models = (("trained", model), ("random init", baseline))
-    scores = {name: collect_scores(m, trainer.train_set.images, trainer.augment, trainer.sampler,
-                                   int(cfg.batch_size), int(cfg.seed), trainer.device) for name, m in models}
+    scores = {name: collect_scores(m, trainer.train_set.images, trainer.augment, int(cfg.batch_size),
+                                   int(cfg.seed), trainer.device) for name, m in models}
     figs["scores"] = plot_score_histograms(scores, f"{cfg.head.name} head scores on training episodes")
     test = labelled(trainer.data.test)
     k = min(int(cfg.eval.get("plot_points", 1000)), len(test))
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(int(cfg.seed)))[:k].sort().values
     aug = cfg.data.augment
-    backbones = (("trained", model.method.encoder.backbone), ("random init", baseline.method.encoder.backbone))
+    backbones = (("trained", model.backbone), ("random init", baseline.backbone))
     feats = {name: extract_features(b, test.images[pick], device=trainer.device, mean=aug.get("mean"),
                                     std=aug.get("std")) for name, b in backbones}
     y = test.labels[pick].numpy()

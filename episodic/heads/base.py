@@ -12,15 +12,27 @@ dtype. A head only overrides ``forward`` when its loss is not a cross-entropy ov
 ``memory [K, d]`` (e.g. MoCo's queue of past support embeddings) adds ``K`` classes that have a
 support example but no query; only heads with ``supports_memory = True`` accept it.
 
+What a head declares (class attributes, read by the scope, the pairings and the variants; never
+its concrete class):
+
+* ``scoring``: how it scores queries, which decides the variants that apply: ``scores`` (a
+  cross-entropy over :meth:`Head.scores`: loss-level variants only), ``kernel`` (:class:`KernelHead`:
+  anchors scored against candidate columns by a kernel), ``ridge`` (a closed-form ridge solve) or
+  ``qp`` (a quadratic program);
+* ``gathers``: what an episode spanning processes gathers for it: ``support`` (its queries stay on
+  their process) or ``all`` (every view is an anchor: queries too);
+* ``supports_memory``: whether it takes ``memory`` rows (a MoCo queue) as extra classes.
+
 Variants (:mod:`episodic.heads.variants`) attach to a head (``head.variants``) and change one
 stage each; every hook is the identity by default:
 
-* ``prepare(z)``: each encoder pass's embeddings, before the head (t-kernel's batch standardisation);
+* ``transform_embeddings(z)``: each encoder pass's embeddings, before the head (t-kernel's batch
+  standardisation);
 * ``replaces_l2``: the head skips its L2 normalisation (the variant standardised instead);
 * kernel heads (:class:`KernelHead`: contrastive, protonet) score anchors against candidate
   columns from a kernel of ``(dot, |a|^2, |c|^2)`` and take a soft-target cross-entropy over
   columns; variants add columns (soft neighbours), transform the geometry (feature transformation),
-  replace the kernel (Student-t) or the loss (debiased);
+  replace the kernel (Student-t, ``log_kernel``) or the loss (debiased);
 * ridge-type heads call ``augment_support`` / ``transform_queries`` / ``gram`` instead
   (see :mod:`episodic.heads.r2d2`); the loss hook applies to every head, the base ``forward``
   included (so the SVM head can be debiased).
@@ -29,7 +41,7 @@ stage each; every hook is the identity by default:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +52,9 @@ from episodic.registry import Registry
 from episodic.tasks.episode import Episode
 
 HEADS: Registry[type[Head]] = Registry("head", "episodic.heads")
+
+Scoring = Literal["scores", "kernel", "ridge", "qp"]
+Gathers = Literal["support", "all"]
 
 
 @dataclass
@@ -97,6 +112,12 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor | None = N
     return -(targets * logp).sum(-1).mean()
 
 
+def prototypes(x: Tensor, weights: Tensor, min_mass: float = 1.0) -> Tensor:
+    """Weighted class means ``[E, K, d]``: ``c_k = sum_i w_ik x_i / max(sum_i w_ik, min_mass)`` for rows
+    ``x [E, N, d]`` and label mass ``weights [E, N, K]`` (one-hot: ProtoNet's class means)."""
+    return weights.transpose(1, 2) @ x / weights.sum(1).clamp_min(min_mass).unsqueeze(-1)
+
+
 def full_precision(x: Tensor) -> Tensor:
     """Half-precision tensors (autocast output) -> float32; float32/float64 pass through."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -115,17 +136,20 @@ def expand_memory(memory: Tensor, like: Tensor) -> Tensor:
 class Head(nn.Module):
     """Base class: subclasses implement :meth:`scores`; the loss is cross-entropy over it."""
 
-    supports_memory = False
+    name: ClassVar[str] = ""  # the registry name (``head=...``), set by ``HEADS.register``
+    scoring: ClassVar[Scoring] = "scores"
+    gathers: ClassVar[Gathers] = "support"
+    supports_memory: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
         self.variants = nn.ModuleDict()
 
     # ------------------------------------------------------------- variant hooks
-    def prepare(self, z: Tensor) -> Tensor:
-        """Embeddings of one encoder pass ``[B, d]`` before the head (methods call this)."""
+    def transform_embeddings(self, z: Tensor) -> Tensor:
+        """Embeddings of one encoder pass ``[B, d]`` before the head (pairings call this)."""
         for v in self.variants.values():
-            z = v.prepare(z)
+            z = v.transform_embeddings(z)
         return z
 
     @property
@@ -151,7 +175,7 @@ class Head(nn.Module):
 
     def check_memory(self, memory: Tensor | None) -> None:
         check(memory is None or self.supports_memory,
-              f"head {type(self).__name__} cannot take a memory queue of extra classes; use method.params."
+              f"head={self.name} cannot take a memory queue of extra classes; use method.params."
               "queue_size=0 or a head that can (contrastive, protonet, r2d2)")
 
     # ------------------------------------------------------------- contract
@@ -254,7 +278,8 @@ class KernelHead(Head):
     Student-t variant generalises), and build :class:`Pairs` in ``forward``.
     """
 
-    supports_memory = True
+    scoring: ClassVar[Scoring] = "kernel"
+    supports_memory: ClassVar[bool] = True
 
     def base_kernel(self, geo: Geometry) -> Tensor:
         raise NotImplementedError
@@ -271,7 +296,7 @@ class KernelHead(Head):
 
     def _variant_kernel(self, energy: Tensor) -> Tensor | None:
         for v in self.variants.values():
-            out = v.kernel(energy)
+            out = v.log_kernel(energy)
             if out is not None:
                 return out
         return None

@@ -26,12 +26,15 @@ energy is ``u = ||z_a - z_b||^2 / (2 tau)`` and the smallest logit ``-1/tau``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from episodic.errors import check
 from episodic.heads.base import (
     HEADS,
+    Gathers,
     Geometry,
     HeadOutput,
     KernelHead,
@@ -76,7 +79,7 @@ def spread_targets(soft: Tensor, labels: Tensor) -> Tensor:
 class ContrastiveHead(KernelHead):
     """Symmetric InfoNCE over all views of the episode (NT-Xent for two views)."""
 
-    needs_all_views = True
+    gathers: ClassVar[Gathers] = "all"  # every view is an anchor
 
     def __init__(self, temperature: float = 0.2, learn_scale: bool = False, symmetric: bool = True) -> None:
         super().__init__()

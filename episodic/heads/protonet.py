@@ -32,22 +32,15 @@ from episodic.heads.base import (
     full_precision,
     one_hot,
     pad_columns,
+    prototypes,
     query_targets,
 )
 from episodic.tasks.episode import Episode
 
 
-def prototypes(support: Tensor, support_labels: Tensor, n_way: int) -> Tensor:
-    """Class means ``[E, n_way, d]`` of ``support [E, Ns, d]``."""
-    y = one_hot(support_labels, n_way, support.dtype)  # [E, Ns, K]
-    return y.transpose(1, 2) @ support / y.sum(1).clamp_min(1).unsqueeze(-1)
-
-
 @HEADS.register("protonet")
 class ProtoNetHead(KernelHead):
     """Prototypes as class means; logits = -squared distance / tau (or cosine / tau)."""
-
-    needs_all_views = False
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True, metric: str = "euclidean",
                  learn_scale: bool = False) -> None:
@@ -83,12 +76,13 @@ class ProtoNetHead(KernelHead):
         return None if u is None else (-self.scale.value if self.metric == "cosine" else -u)
 
     def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
-        c = prototypes(self.norm(support), support_labels, n_way)
+        s = self.norm(support)
+        c = prototypes(s, one_hot(support_labels, n_way, s.dtype))
         return self.kernel(Geometry.of(self.norm(query), c))
 
     def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
         s, q = self.norm(full_precision(episode.support)), self.norm(full_precision(episode.query))
-        c = prototypes(s, episode.support_labels, episode.n_way)
+        c = prototypes(s, one_hot(episode.support_labels, episode.n_way, s.dtype))
         k = 0
         if memory is not None:
             mem = self.norm(expand_memory(memory, s))

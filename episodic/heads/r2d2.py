@@ -29,6 +29,7 @@ Extensions used by encoder pairings and variants (all off by default):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ from episodic.heads.base import (
     HEADS,
     Head,
     HeadOutput,
+    Scoring,
     LogitScale,
     expand_memory,
     full_precision,
@@ -71,8 +73,8 @@ def kernel_ridge_coefficients(gram: Tensor, targets: Tensor, lam: float) -> Tens
 class R2D2Head(Head):
     """Ridge regression to one-hot labels, solved in closed form (primal or dual, whichever is smaller)."""
 
-    supports_memory = True
-    needs_all_views = False
+    scoring: ClassVar[Scoring] = "ridge"
+    supports_memory: ClassVar[bool] = True
 
     def __init__(self, lam: float = 5.0, scale: float = 1.0, learn_scale: bool = True, bias: bool = False,
                  normalize: bool = True, solve: str = "auto") -> None:

@@ -17,11 +17,13 @@ the embeddings first, as the metacontrastive reference does.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor
 
 from episodic.errors import check
-from episodic.heads.base import HEADS, Head, LogitScale
+from episodic.heads.base import HEADS, Head, LogitScale, Scoring
 from episodic.solvers.base import SOLVERS, QPSolver
 
 
@@ -38,6 +40,8 @@ class SVMHead(Head):
         scale: initial logit scale; ``learn_scale`` makes it a parameter.
         warm_start: ``fast`` only: start from the previous solution when the labels are unchanged.
     """
+
+    scoring: ClassVar[Scoring] = "qp"
 
     def __init__(self, C: float = 0.1, backend: str = "fast", max_iter: int | None = None,
                  tol: float | None = None, normalize: bool = True, scale: float = 1.0,

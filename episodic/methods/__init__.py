@@ -1,4 +1,4 @@
-"""Encoder pairings around the same episode (simclr, moco, byol)."""
+"""Encoder pairings around the same episode (simclr, moco, byol): which encoder embeds what."""
 
 from episodic.methods.base import METHODS, Method
 

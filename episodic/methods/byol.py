@@ -16,6 +16,12 @@ the image episode before the pairing, so they apply unchanged; the head is not p
 here: it only scores the predicted queries against the target support (``HeadOutput.logits``, for
 accuracy and histograms). Variants act on negatives and are refused with this pairing.
 
+Its loss stays on each process: every class's views live on one process, so an episode spanning
+processes changes neither the loss nor the gradient, and nothing is gathered (``gathers = False``).
+The second (swapped) direction is returned as an episode of target query embeddings and predicted
+support embeddings; its regression targets are weighted by the first episode's label mass, which is
+where a mixed query's two labels live.
+
 Defaults follow BYOL: target momentum 0.996 raised to 1 on a cosine schedule, predictor
 ``Linear(d, hidden) - BN - ReLU - Linear(hidden, d)``. Difference: the online (and target) encoder
 embeds all views of a step in one pass, so BatchNorm statistics span both views.
@@ -23,14 +29,12 @@ embeds all views of a step in one pass, so BatchNorm statistics span both views.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from episodic.heads.base import Head, HeadOutput, one_hot, query_targets
-from episodic.methods.base import METHODS, Method
+from episodic.heads.base import Head, HeadOutput, one_hot, prototypes, query_targets
+from episodic.methods.base import METHODS, Embeddings, Method
 from episodic.methods.momentum import check_momentum, ema_update, frozen_copy, momentum_at
 from episodic.models import Encoder, Projector
 from episodic.tasks.episode import Episode
@@ -47,9 +51,10 @@ class BYOL(Method):
 
     negatives = False
     trains_head = False  # the head only scores queries for the accuracy readout
+    gathers = False
 
     def __init__(self, encoder: Encoder, momentum: float = 0.996, momentum_schedule: str = "cosine",
-                 predictor_hidden: int = 512, symmetric: bool = True, **_: Any) -> None:
+                 predictor_hidden: int = 512, symmetric: bool = True) -> None:
         super().__init__(encoder)
         check_momentum(momentum, momentum_schedule)
         self.momentum, self.schedule, self.symmetric = float(momentum), momentum_schedule, symmetric
@@ -57,31 +62,39 @@ class BYOL(Method):
         d = encoder.projector.out_dim
         self.predictor = Projector(d, predictor_hidden, d, layers=2)
 
-    def forward(self, episode: Episode, head: Head) -> HeadOutput:
+    def embed(self, episode: Episode, transform: Embeddings) -> list[Episode]:
+        """``[targets of the support, predictions of the queries]`` and, when symmetric, the swapped pair."""
         e, ns = episode.support.shape[:2]
         nq = episode.query.shape[1]
         imgs_s, imgs_q = episode.support.flatten(0, 1), episode.query.flatten(0, 1)
-        if self.symmetric:
-            p = self.predictor(self.encoder(torch.cat([imgs_s, imgs_q])))
-            p_s, p_q = p[: e * ns].view(e, ns, -1), p[e * ns :].view(e, nq, -1)
-            with torch.no_grad():
-                t = self.target(torch.cat([imgs_s, imgs_q]))
-            t_s, t_q = t[: e * ns].view(e, ns, -1), t[e * ns :].view(e, nq, -1)
-        else:
+        if not self.symmetric:
             p_q = self.predictor(self.encoder(imgs_q)).view(e, nq, -1)
             with torch.no_grad():
                 t_s = self.target(imgs_s).view(e, ns, -1)
-        t_s, p_q = t_s.float(), p_q.float()
-        m_q = query_targets(episode, p_q.dtype)  # [E, Nq, n_way] label mass of each query
-        y_s = one_hot(episode.support_labels, episode.n_way, p_q.dtype)  # [E, Ns, n_way]
-        protos = y_s.transpose(1, 2) @ F.normalize(t_s, dim=-1) / y_s.sum(1).clamp_min(1).unsqueeze(-1)
-        loss = regression_loss(p_q, m_q @ protos)
-        if self.symmetric:
-            w = y_s @ m_q.transpose(1, 2)  # [E, Ns, Nq]: mass of each query on the support row's class
-            w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-            loss = loss + regression_loss(p_s.float(), w @ F.normalize(t_q.float(), dim=-1))
+            return [episode.replace(support=t_s, query=p_q)]
+        p = self.predictor(self.encoder(torch.cat([imgs_s, imgs_q])))
         with torch.no_grad():
-            logits = head.scores(t_s, episode.support_labels, p_q, episode.n_way)
+            t = self.target(torch.cat([imgs_s, imgs_q]))
+        t_s, t_q = t[: e * ns].view(e, ns, -1), t[e * ns :].view(e, nq, -1)
+        p_s, p_q = p[: e * ns].view(e, ns, -1), p[e * ns :].view(e, nq, -1)
+        swapped = episode.replace(support=t_q, query=p_s, support_labels=episode.query_labels,
+                                  query_labels=episode.support_labels, n_supp=episode.n_query,
+                                  n_query=episode.n_supp, query_labels_mix=None, mix_weight=None)
+        return [episode.replace(support=t_s, query=p_q), swapped]
+
+    def score(self, episodes: list[Episode], head: Head) -> HeadOutput:
+        """Each prediction regresses onto its class's mean normalised target (label-mass weighted)."""
+        first = episodes[0]
+        t_s, p_q = first.support.float(), first.query.float()
+        m_q = query_targets(first, p_q.dtype)  # [E, Nq, n_way] label mass of each query
+        y_s = one_hot(first.support_labels, first.n_way, p_q.dtype)  # [E, Ns, n_way]
+        loss = regression_loss(p_q, m_q @ prototypes(F.normalize(t_s, dim=-1), y_s))
+        if len(episodes) > 1:
+            t_q, p_s = episodes[1].support.float(), episodes[1].query.float()
+            tiny = torch.finfo(p_q.dtype).tiny
+            loss = loss + regression_loss(p_s, y_s @ prototypes(F.normalize(t_q, dim=-1), m_q, tiny))
+        with torch.no_grad():
+            logits = head.scores(t_s, first.support_labels, p_q, first.n_way)
         return HeadOutput(loss=loss, logits=logits)
 
     def after_step(self, step: int, total_steps: int) -> None:

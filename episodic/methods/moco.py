@@ -22,19 +22,18 @@ buffer) and the momentum encoder are part of the model's state dict, hence of ch
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from episodic import distributed
 from episodic.errors import check
-from episodic.heads.base import Head, HeadOutput
-from episodic.heads.variants.base import head_name
-from episodic.methods.base import METHODS, Method
+from episodic.heads.base import Head
+from episodic.methods.base import METHODS, Embeddings, Method
 from episodic.methods.momentum import check_momentum, ema_update, frozen_copy, momentum_at
 from episodic.models import Encoder, Projector
+from episodic.models.memory import RingBuffer
 from episodic.tasks.episode import Episode
+from episodic.tasks.scope import ScopePlan
 
 
 @METHODS.register("moco")
@@ -43,7 +42,7 @@ class MoCo(Method):
 
     def __init__(self, encoder: Encoder, momentum: float = 0.999, queue_size: int = 65536,
                  momentum_schedule: str = "constant", predictor_hidden: int | None = None,
-                 symmetric: bool = False, **_: Any) -> None:
+                 symmetric: bool = False) -> None:
         super().__init__(encoder)
         check_momentum(momentum, momentum_schedule)
         check(isinstance(queue_size, int) and queue_size >= 0,
@@ -54,13 +53,12 @@ class MoCo(Method):
         d = encoder.projector.out_dim
         self.predictor = Projector(d, predictor_hidden, d, layers=2) if predictor_hidden else None
         # MoCo initialises the queue with random vectors; heads normalise (or a variant standardises) rows
-        self.register_buffer("queue", torch.randn(queue_size, d))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.queue = RingBuffer(torch.randn(queue_size, d))
 
-    def check_head(self, head: Head) -> None:
+    def validate_head(self, head: Head) -> None:
         check(not self.queue_size or head.supports_memory,
               f"method=moco with queue_size={self.queue_size} adds that many classes to the head, which "
-              f"head={head_name(head)} cannot take; use head=contrastive, protonet or r2d2, or "
+              f"head={head.name} cannot take; use head=contrastive, protonet or r2d2, or "
               "method.params.queue_size=0")
 
     def online(self, x: Tensor) -> Tensor:
@@ -71,36 +69,30 @@ class MoCo(Method):
     def key(self, x: Tensor) -> Tensor:
         return self.momentum_encoder(x)
 
-    def _embed(self, episode: Episode, head: Head) -> Episode:
-        return episode.embed(lambda x: head.prepare(self.online(x)),
-                             support_encoder=lambda x: head.prepare(self.key(x)).detach())
+    def _embed(self, episode: Episode, transform: Embeddings) -> Episode:
+        return episode.embed(lambda x: transform(self.online(x)),
+                             support_encoder=lambda x: transform(self.key(x)).detach())
 
-    def forward(self, episode: Episode, head: Head) -> HeadOutput:
-        memory = self.queue.clone() if self.queue_size else None
-        emb = self._embed(episode, head)
-        out = head(emb, memory=memory)
-        if self.symmetric:
-            check(episode.mix_weight is None,
-                  "method.params.symmetric=true swaps support and query images, which mixed (CutMix) "
-                  "queries cannot be; turn one of them off")
-            swapped = episode.replace(support=episode.query, query=episode.support,
-                                      support_labels=episode.query_labels,
-                                      query_labels=episode.support_labels,
-                                      n_supp=episode.n_query, n_query=episode.n_supp)
-            out2 = head(self._embed(swapped, head), memory=memory)
-            out = HeadOutput(loss=out.loss + out2.loss, logits=out.logits, extras=out.extras)
-        if self.training and self.queue_size:  # every process enqueues the keys of all processes
-            keys = emb.support.reshape(-1, emb.support.shape[-1])
-            self.enqueue(distributed.gather_no_grad(keys).flatten(0, 1) if self.world_size > 1 else keys)
-        return out
+    def embed(self, episode: Episode, transform: Embeddings) -> list[Episode]:
+        if not self.symmetric:
+            return [self._embed(episode, transform)]
+        check(episode.mix_weight is None,
+              "method.params.symmetric=true swaps support and query images, which mixed (CutMix) "
+              "queries cannot be; turn one of them off")
+        swapped = episode.replace(support=episode.query, query=episode.support,
+                                  support_labels=episode.query_labels, query_labels=episode.support_labels,
+                                  n_supp=episode.n_query, n_query=episode.n_supp)
+        return [self._embed(episode, transform), self._embed(swapped, transform)]
+
+    def memory(self) -> Tensor | None:
+        return self.queue.rows.clone() if self.queue_size else None
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        """Write ``keys [n, d]`` into the queue ring buffer (the newest ``queue_size`` if ``n`` is larger)."""
-        keys = keys.detach().to(self.queue.dtype)[-self.queue_size :]
-        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % self.queue_size
-        self.queue[idx] = keys
-        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % self.queue_size)
+    def update(self, embedded: Episode, scope: ScopePlan) -> None:
+        """Enqueue the keys (support embeddings) of every process, in rank order."""
+        if self.training and self.queue_size:
+            keys = embedded.support.reshape(-1, embedded.support.shape[-1])
+            self.queue.push(distributed.gather_no_grad(keys).flatten(0, 1) if scope.world_size > 1 else keys)
 
     def after_step(self, step: int, total_steps: int) -> None:
         m = momentum_at(self.momentum, step, total_steps, self.schedule)

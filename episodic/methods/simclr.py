@@ -1,12 +1,12 @@
 """``simclr``: one encoder embeds support and query views in a single forward pass.
 
-``head.prepare`` (identity unless a variant standardises embeddings) sees that one pass's output.
+``Head.transform_embeddings`` (identity unless a variant standardises embeddings) sees that one
+pass's output; BatchNorm statistics cover every view.
 """
 
 from __future__ import annotations
 
-from episodic.heads.base import Head, HeadOutput
-from episodic.methods.base import METHODS, Method
+from episodic.methods.base import METHODS, Embeddings, Method
 from episodic.tasks.episode import Episode
 
 
@@ -14,5 +14,5 @@ from episodic.tasks.episode import Episode
 class SimCLR(Method):
     """Support and query share the encoder; BatchNorm statistics cover every view."""
 
-    def forward(self, episode: Episode, head: Head) -> HeadOutput:
-        return head(episode.embed(lambda x: head.prepare(self.encoder(x))))
+    def embed(self, episode: Episode, transform: Embeddings) -> list[Episode]:
+        return [episode.embed(lambda x: transform(self.encoder(x)))]

@@ -33,7 +33,6 @@ class CvxpyLayersSolver(QPSolver):
         solve_method: the cone solver diffcp calls (``Clarabel`` or ``SCS``).
     """
 
-    name = "cvxpylayers"
     default_max_iter = 200
     default_tol = 1e-4
 

@@ -98,7 +98,6 @@ class FastSolver(QPSolver):
         cg_max_iter: iteration cap of those conjugate gradients.
     """
 
-    name = "fast"
     default_max_iter = 2000
     default_tol = 1e-7
     checks_itself = True

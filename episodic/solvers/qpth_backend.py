@@ -49,7 +49,6 @@ class QpthSolver(QPSolver):
             ``maxIter`` (default 50; qpth also stops earlier once its own residuals are below 1e-12).
     """
 
-    name = "qpth"
     default_max_iter = 50
     default_tol = 1e-4
 

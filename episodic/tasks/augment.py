@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -148,19 +148,19 @@ def check_probability(name: str, value: Any) -> float:
 
 
 class TaskAugment(nn.Module):
-    """One task augmentation. Subclasses set ``stage`` and implement :meth:`apply` (stages 1, 2) or
-    :meth:`prepare` + :meth:`loss` (stage 0, auxiliary losses)."""
+    """One task augmentation. Subclasses set ``stage`` and implement :meth:`forward` (stages 1, 2:
+    episode in, episode out) or :meth:`aux_batch` + :meth:`aux_loss` (stage 0, auxiliary losses)."""
 
-    stage: int = 1
-    name: str = ""
+    stage: ClassVar[int] = 1
+    name: ClassVar[str] = ""  # the registry name, set by ``TASK_AUGMENTS.register``
 
-    def apply(self, episode: Episode, draw: Draw) -> Episode:
+    def forward(self, episode: Episode, draw: Draw) -> Episode:
         raise NotImplementedError
 
-    def prepare(self, episode: Episode, draw: Draw, step: int, total: int) -> AuxBatch | None:
+    def aux_batch(self, episode: Episode, draw: Draw, step: int, total: int) -> AuxBatch | None:
         raise NotImplementedError
 
-    def loss(self, encoder: nn.Module, batch: AuxBatch) -> Tensor:
+    def aux_loss(self, encoder: nn.Module, batch: AuxBatch) -> Tensor:
         raise NotImplementedError
 
 
@@ -175,7 +175,7 @@ class NewClassTransform(TaskAugment):
     Subclasses implement :meth:`sample` (per-image parameters) and :meth:`transform`.
     """
 
-    stage = 1
+    stage: ClassVar[int] = 1
 
     def __init__(self, ctx: TaskContext, p: float = 0.25, mode: str = "replace") -> None:
         super().__init__()
@@ -192,7 +192,7 @@ class NewClassTransform(TaskAugment):
         """``x [n, V, C, H, W]`` -> same shape, image ``i`` transformed with ``params[..][i]``."""
         raise NotImplementedError
 
-    def apply(self, episode: Episode, draw: Draw) -> Episode:
+    def forward(self, episode: Episode, draw: Draw) -> Episode:
         views = image_views(episode)  # [E, V, n, ...]
         e, _, n = views.shape[:3]
         if self.mode == "replace":
@@ -248,20 +248,20 @@ class TaskPipeline(nn.Module):
         aux: list[AuxBatch] = []
         for i, a in enumerate(self.augments):
             if a.stage == 0:
-                batch = a.prepare(episode, draw, step, total)
+                batch = a.aux_batch(episode, draw, step, total)
                 if batch is not None:
                     batch.index = i
                     aux.append(batch)
         for a in self.augments:
             if a.stage > 0:
-                episode = a.apply(episode, draw)
+                episode = a(episode, draw)
         return episode, aux
 
     def aux_loss(self, encoder: nn.Module, batches: Sequence[AuxBatch]) -> Tensor | None:
         """Sum of ``weight * loss`` over the auxiliary batches (``None`` when there are none)."""
         total = None
         for b in batches:
-            term = b.weight * self.augments[b.index].loss(encoder, b)
+            term = b.weight * self.augments[b.index].aux_loss(encoder, b)
             total = term if total is None else total + term
         return total
 

@@ -22,7 +22,6 @@ from episodic.tasks.augment import TASK_AUGMENTS, Draw, NewClassTransform, TaskC
 
 @TASK_AUGMENTS.register("crop")
 class LargeCrop(NewClassTransform):
-    name = "crop"
 
     def __init__(self, ctx: TaskContext, p: float = 0.25, mode: str = "replace",
                  scale: tuple[float, float] | list[float] = (0.1, 0.3)) -> None:

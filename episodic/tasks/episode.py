@@ -1,10 +1,9 @@
-"""Episodes: an unlabeled batch of B images seen as B/n_way few-shot tasks.
+"""Episodes: a batch of few-shot tasks, each a support set and a query set with their labels.
 
-Every image is its own class. Each image comes with ``V = n_supp + n_query`` augmented views,
-stored view-major (``x[v, i]`` is view ``v`` of image ``i``). Image ``i`` belongs to episode
-``i // n_way`` as class ``i % n_way``; views ``0 .. n_supp-1`` are its support examples and the
-remaining ``n_query`` views its queries. Support and query rows are ordered view-major inside an
-episode, so ``support_labels = [0, 1, .., n_way-1] * n_supp``.
+An episode sampler (:mod:`episodic.tasks.samplers`) builds them from a batch's views; with the
+default ``views`` sampler every image is its own class, its first ``n_supp`` views its support
+examples and the remaining ``n_query`` views its queries, rows ordered view-major inside an episode
+(``support_labels = [0, 1, .., n_way-1] * n_supp``).
 
 The same :class:`Episode` carries images (before the encoder) and embeddings (after it), so task
 augmentations act on images and heads act on embeddings with one type.
@@ -18,7 +17,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from episodic.errors import check
 
 
 @dataclass
@@ -72,49 +70,3 @@ class Episode:
             zs = support_encoder(self.support.flatten(0, 1))
             zq = encoder(self.query.flatten(0, 1))
         return self.replace(support=zs.view(e, ns, -1), query=zq.view(e, nq, -1))
-
-
-class ViewSampler:
-    """Split ``V = n_supp + n_query`` views of ``B`` images into ``B / n_way`` episodes."""
-
-    def __init__(self, n_supp: int = 1, n_query: int = 1, n_way: int | None = None) -> None:
-        check(isinstance(n_supp, int) and n_supp >= 1, f"n_supp={n_supp!r} is not allowed; use an integer >= 1")
-        check(isinstance(n_query, int) and n_query >= 1, f"n_query={n_query!r} is not allowed; use an integer >= 1")
-        check(n_way is None or (isinstance(n_way, int) and n_way >= 2),
-              f"n_way={n_way!r} is not allowed; use an integer >= 2 or null (the whole batch)")
-        self.n_supp, self.n_query, self.n_way = n_supp, n_query, n_way
-
-    @property
-    def n_views(self) -> int:
-        return self.n_supp + self.n_query
-
-    def way(self, batch_size: int) -> int:
-        """The number of classes per episode for a batch of ``batch_size`` images."""
-        n_way = self.n_way or batch_size
-        check(batch_size % n_way == 0,
-              f"n_way={n_way} does not divide the batch of {batch_size} images; "
-              f"use a divisor of {batch_size} (or n_way=null for one episode per batch)")
-        return n_way
-
-    def __call__(self, views: Tensor) -> Episode:
-        """Build episodes from ``views`` of shape ``[V, B, ...]`` (view-major)."""
-        v, b = views.shape[:2]
-        check(v == self.n_views,
-              f"got {v} views per image but n_supp + n_query = {self.n_views}")
-        n_way = self.way(b)
-        e = b // n_way
-        rest = views.shape[2:]
-        # [V, E, n_way, ...] -> [E, V, n_way, ...]: episode-major, view-major inside
-        x = views.reshape(v, e, n_way, *rest).transpose(0, 1)
-        support = x[:, : self.n_supp].reshape(e, self.n_supp * n_way, *rest)
-        query = x[:, self.n_supp :].reshape(e, self.n_query * n_way, *rest)
-        labels = torch.arange(n_way, device=views.device)
-        return Episode(
-            support=support,
-            query=query,
-            support_labels=labels.repeat(self.n_supp).expand(e, -1),
-            query_labels=labels.repeat(self.n_query).expand(e, -1),
-            n_way=n_way,
-            n_supp=self.n_supp,
-            n_query=self.n_query,
-        )

@@ -56,7 +56,6 @@ def box_masks(lam: Tensor, cy: Tensor, cx: Tensor, h: int, w: int) -> tuple[Tens
 @TASK_AUGMENTS.register("query_mix")
 class QueryMix(TaskAugment):
     stage = 2
-    name = "query_mix"
 
     def __init__(self, ctx: TaskContext, p: float = 1.0, cutmix_p: float = 0.5, alpha: float = 1.0,
                  keep_clean: bool = True) -> None:
@@ -67,7 +66,7 @@ class QueryMix(TaskAugment):
         self.alpha = float(alpha)
         self.keep_clean = bool(keep_clean)
 
-    def apply(self, episode: Episode, draw: Draw) -> Episode:
+    def forward(self, episode: Episode, draw: Draw) -> Episode:
         e, n, nq = episode.n_episodes, episode.n_way, episode.query.shape[1]
         check(nq == n * episode.n_query and episode.query_labels_mix is None,
               "query_mix needs the plain view-major query layout and can be applied once")

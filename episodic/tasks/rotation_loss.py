@@ -27,7 +27,6 @@ from episodic.tasks.episode import Episode
 @TASK_AUGMENTS.register("rotation_loss")
 class RotationLoss(TaskAugment):
     stage = 0
-    name = "rotation_loss"
 
     def __init__(self, ctx: TaskContext, weight: float = 0.5, decay: str = "none", share: float = 1.0,
                  normalize: bool = True) -> None:
@@ -40,7 +39,7 @@ class RotationLoss(TaskAugment):
         self.weight, self.decay, self.share, self.normalize = float(weight), decay, float(share), bool(normalize)
         self.classifier = nn.Linear(ctx.embed_dim, 4)
 
-    def prepare(self, episode: Episode, draw: Draw, step: int, total: int) -> AuxBatch | None:
+    def aux_batch(self, episode: Episode, draw: Draw, step: int, total: int) -> AuxBatch | None:
         views = torch.cat([episode.support.flatten(0, 1), episode.query.flatten(0, 1)])  # [M, C, H, W]
         m = len(views)
         take = max(1, int(round(self.share * m)))
@@ -52,6 +51,6 @@ class RotationLoss(TaskAugment):
     def logits(self, z: Tensor) -> Tensor:
         return self.classifier(F.normalize(z, dim=-1) if self.normalize else z)
 
-    def loss(self, encoder: nn.Module, batch: AuxBatch) -> Tensor:
+    def aux_loss(self, encoder: nn.Module, batch: AuxBatch) -> Tensor:
         z = encoder(batch.images).float()
         return F.cross_entropy(self.logits(z), batch.targets)

@@ -16,14 +16,14 @@ micro-batch.
   their labels offset by the owner's position ``j`` in the episode (``label + j * n_local``), rows
   re-interleaved so the global support is view-major exactly as in one process. Then
 
-  - heads whose loss is a cross-entropy over query scores (the base ``Head.forward``: protonet,
-    r2d2, svm) score *this process's queries* against the gathered support (labels offset by
-    ``j``); the process's loss is the mean over its ``b * n_query`` queries;
-  - heads that compute their own loss over every view (they override ``forward``, e.g. the
-    contrastive head, where each view is an anchor and every other view a candidate) also get the
-    gathered queries, so negatives come from the global episode, and compute the whole episode's
-    loss (the same value on its ``k`` processes). A head can force either path with a class
-    attribute ``needs_all_views = True / False``.
+  What is gathered is what the head declares (``Head.gathers``):
+
+  - ``support`` (protonet, r2d2, svm): the head scores *this process's queries* against the
+    gathered support (labels offset by ``j``); the process's loss is the mean over its
+    ``b * n_query`` queries;
+  - ``all`` (the contrastive head, where each view is an anchor and every other view a candidate):
+    the queries are gathered too, so negatives come from the global episode, and the head computes
+    the whole episode's loss (the same value on its ``k`` processes).
 
   Loss scaling: none is needed. With DDP's average over ``W`` ranks and the gather's SUM backward,
   the local-query path gives ``(1/W) sum_r L_r`` with ``L_r`` the mean over an equal number of
@@ -42,17 +42,17 @@ the number of processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from episodic import distributed
 from episodic.errors import EpisodicError, check
-from episodic.heads.base import Head, HeadOutput
-from episodic.tasks.episode import Episode, ViewSampler
+from episodic.tasks.episode import Episode
 
 SCOPES = ("global", "local")
+Gathered = Literal["support", "all", "none"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,20 @@ class ScopePlan:
 
     @property
     def sampler_way(self) -> int | None:
-        """The ``n_way`` to give this process's :class:`ViewSampler` (``None``: its whole batch)."""
+        """The ``n_way`` of this process's episode sampler (``None``: its whole batch)."""
         return None if self.n_way_local == self.local_batch else self.n_way_local
+
+    @staticmethod
+    def one_process() -> ScopePlan:
+        """The plan of a model run by one process alone: episodes as its sampler builds them."""
+        return ScopePlan("local", 1, 1, 1)
+
+    def gather(self, episode: Episode, views: Gathered) -> Episode:
+        """This process's embedded episode, or, when episodes span processes, the part of the global
+        episode it scores: ``views`` says what is gathered (``Head.gathers``; ``none``: nothing)."""
+        if not self.spans or views == "none":
+            return episode
+        return globalize(episode, self, views == "all")
 
     def describe(self) -> str:
         micro = self.local_batch * self.world_size
@@ -116,7 +128,8 @@ def plan_scope(scope: str, n_way: int | None, batch_size: int, world_size: int =
           f"{accu_iter} x {world_size}; use a multiple of {parts}")
     micro = batch_size // accu_iter
     b = micro // world_size
-    sampler = ViewSampler(1, 1, n_way)  # validates n_way itself
+    check(n_way is None or (isinstance(n_way, int) and n_way >= 2),
+          f"n_way={n_way!r} is not allowed; use an integer >= 2 or null (the whole batch)")
     if scope == "local" and parts > 1:
         n = n_way or b
         check(b % n == 0,
@@ -124,7 +137,9 @@ def plan_scope(scope: str, n_way: int | None, batch_size: int, world_size: int =
               f"(task.scope=local, batch_size={batch_size} / optim.accu_iter={accu_iter} / {world_size} "
               f"processes); use a divisor of {b} or n_way=null")
         return ScopePlan(scope, n, n, b, world_size, rank, accu_iter)
-    n = sampler.way(micro)
+    n = n_way or micro
+    check(micro % n == 0, f"n_way={n} does not divide the batch of {micro} images; use a divisor of {micro} "
+                          f"(or n_way=null for one episode per batch)")
     if not (b % n == 0 or n % b == 0):
         raise EpisodicError(
             f"n_way={n} would split an episode unevenly over processes holding {b} images each "
@@ -132,14 +147,6 @@ def plan_scope(scope: str, n_way: int | None, batch_size: int, world_size: int =
             f"use n_way dividing {b}, or a multiple of {b} dividing {micro} "
             f"(n_way=null: the whole micro-batch)")
     return ScopePlan(scope, n, min(n, b), b, world_size, rank, accu_iter)
-
-
-def needs_all_views(head: Head) -> bool:
-    """Whether ``head`` computes its loss over every view (it overrides ``Head.forward``)."""
-    flag = getattr(type(head), "needs_all_views", None)
-    if flag is not None:
-        return bool(flag)
-    return type(head).forward is not Head.forward
 
 
 def _interleave(parts: Tensor, n_views: int) -> Tensor:
@@ -193,31 +200,4 @@ def globalize(episode: Episode, plan: ScopePlan, all_views: bool) -> Episode:
     return episode.replace(**changes)
 
 
-class ScopedHead:
-    """Stands in for the head inside ``Method.forward``: globalises the embedded episode, then
-    calls the head. Attribute access falls through to the head (``scores``, ``scale``, ...).
-
-    ``query_labels`` holds the labels of the queries the first call scored (for accuracy: a method
-    that calls the head twice, like MoCo's symmetric loss, reports the first call's logits).
-    """
-
-    def __init__(self, head: Head, plan: ScopePlan) -> None:
-        self.head, self.plan = head, plan
-        self.query_labels: Tensor | None = None
-
-    def __call__(self, episode: Episode, **kwargs: Any) -> HeadOutput:
-        """``kwargs`` (e.g. MoCo's ``memory`` queue) go to the head unchanged: they must already be the
-        same on every process."""
-        if self.plan.spans:
-            episode = globalize(episode, self.plan, needs_all_views(self.head))
-        if self.query_labels is None:
-            self.query_labels = episode.query_labels
-        return self.head(episode, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("head", "plan", "query_labels"):
-            raise AttributeError(name)
-        return getattr(self.head, name)
-
-
-__all__ = ["SCOPES", "ScopePlan", "ScopedHead", "globalize", "needs_all_views", "plan_scope"]
+__all__ = ["SCOPES", "Gathered", "ScopePlan", "globalize", "plan_scope"]

@@ -8,7 +8,7 @@ Each variant is one module with its formula in the docstring:
 * ``feature_transform`` (FT, Zhu et al. 2021): extrapolated positives, interpolated negatives.
 
 :func:`attach_variants` builds them from the ``variant`` config node (one key per variant, its
-parameters as values), checks each against the head and the encoder pairing, and attaches them.
+parameters as values), validates each against the head and the encoder pairing, and attaches them.
 """
 
 from __future__ import annotations
@@ -18,21 +18,21 @@ from typing import Any
 
 from episodic.errors import check
 from episodic.heads.base import Head
-from episodic.heads.variants.base import VARIANTS, Variant, head_name, method_name
+from episodic.heads.variants.base import VARIANTS, Pairing, Variant
+from episodic.registry import unknown_keywords
 
 
-def attach_variants(head: Head, variants: Mapping[str, Any] | None, method: Any = None,
+def attach_variants(head: Head, variants: Mapping[str, Any] | None, method: Pairing | None = None,
                     dim: int | None = None) -> Head:
-    """Build the variants named in ``variants`` (name -> params), check and attach them to ``head``.
+    """Build the variants named in ``variants`` (name -> params), validate and attach them to ``head``.
 
-    Also checks the encoder pairing against the head (``method.check_head``). ``dim`` is the
-    embedding width (for memory banks).
+    ``dim`` is the embedding width, passed to the variants whose constructor takes it (memory banks).
     """
-    if method is not None and hasattr(method, "check_head"):
-        method.check_head(head)
     for name, params in (variants or {}).items():
-        v = VARIANTS.build(name, dim=dim, **dict(params or {}))
-        v.check(head, method)
+        cls = VARIANTS.get(name)
+        width = {"dim": dim} if "dim" in unknown_keywords(cls, {})[1] else {}
+        v = VARIANTS.build(name, **width, **dict(params or {}))
+        v.validate(head, method)
         for other in head.variants:
             check(other not in v.conflicts and name not in head.variants[other].conflicts,
                   f"variant={name} cannot be combined with variant={other}; use one of them")
@@ -40,4 +40,4 @@ def attach_variants(head: Head, variants: Mapping[str, Any] | None, method: Any 
     return head
 
 
-__all__ = ["VARIANTS", "Variant", "attach_variants", "head_name", "method_name"]
+__all__ = ["VARIANTS", "Pairing", "Variant", "attach_variants"]

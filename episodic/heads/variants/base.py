@@ -2,15 +2,17 @@
 
 A variant attaches to a head (``head.variants[name]``) and overrides the hooks of the stage it
 changes; every other hook is the identity (see :mod:`episodic.heads.base` for where heads call
-them). ``check(head, method)`` runs once when the model is built and refuses, with one
-:class:`~episodic.errors.EpisodicError` line, a head or encoder pairing where the variant has no
-meaning.
+them). Where it applies is declared, not tested on classes: ``applies_to`` lists the head
+``scoring`` kinds it has a meaning for, ``needs_negatives`` whether the encoder pairing must have
+negatives; :meth:`Variant.validate` (run once when the model is built) refuses anything else with
+one :class:`~episodic.errors.EpisodicError` line.
 
 Hooks:
 
-* ``prepare(z)``: each encoder pass's embeddings; ``replaces_l2``: the head skips L2 normalisation;
+* ``transform_embeddings(z)``: each encoder pass's embeddings; ``replaces_l2``: the head skips L2
+  normalisation;
 * kernel heads: ``add_columns(pairs)``, ``transform_geometry(geo, pairs)`` (training only),
-  ``kernel(energy)`` (with ``replaces_kernel``);
+  ``log_kernel(energy)`` (with ``replaces_kernel``);
 * ridge heads: ``augment_support(support, targets)``, ``transform_queries(...)`` (training only),
   ``gram(a, c)`` (with ``replaces_kernel``);
 * every head: ``loss(logits, targets, valid, min_logit)`` (with ``replaces_loss``).
@@ -18,59 +20,50 @@ Hooks:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar, Protocol
 
 from torch import Tensor, nn
 
 from episodic.errors import check
-from episodic.heads.base import HEADS, Geometry, Head, Pairs
+from episodic.heads.base import Geometry, Head, Pairs, Scoring
 from episodic.registry import Registry
 
 VARIANTS: Registry[type[Variant]] = Registry("variant", "episodic.heads.variants")
 
 
-def registered_name(registry: Registry[Any], obj: Any) -> str:
-    """The name under which ``obj``'s class is registered in ``registry`` (its class name if none)."""
-    for name in registry.names():
-        if registry.get(name) is type(obj):
-            return name
-    return type(obj).__name__
+class Pairing(Protocol):
+    """What a variant may ask of the encoder pairing (:class:`episodic.methods.Method` declares it)."""
 
-
-def head_name(head: Head) -> str:
-    """The registry name of ``head``'s class (``head=...`` in configs and messages)."""
-    return registered_name(HEADS, head)
-
-
-def method_name(method: Any) -> str:
-    """The registry name of ``method``'s class (``method=...`` in configs and messages)."""
-    from episodic.methods import METHODS
-
-    return registered_name(METHODS, method)
+    name: ClassVar[str]
+    negatives: ClassVar[bool]
+    queue_size: int
 
 
 class Variant(nn.Module):
     """Base class: every hook is the identity; subclasses override the stage they change."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # the registry name, set by ``VARIANTS.register``
     replaces_l2: ClassVar[bool] = False
     replaces_kernel: ClassVar[bool] = False
     replaces_loss: ClassVar[bool] = False
+    #: the head ``scoring`` kinds this variant has a meaning for, and why others are refused
+    applies_to: ClassVar[tuple[Scoring, ...]] = ("scores", "kernel", "ridge", "qp")
+    refusal: ClassVar[str] = ""
+    #: whether the pairing must have negatives (BYOL has none)
+    needs_negatives: ClassVar[bool] = True
     #: variants this one cannot be combined with, by name
     conflicts: ClassVar[tuple[str, ...]] = ()
 
-    def check(self, head: Head, method: Any = None) -> None:
-        """Refuse a head or pairing where this variant has no meaning (default: one without negatives)."""
-        if method is not None:
-            check(getattr(method, "negatives", True),
-                  f"variant={self.name} acts on negatives, but method={method_name(method)} has none; "
-                  "use method=simclr or method=moco")
-
-    def refuse(self, head: Head, why: str) -> None:
-        check(False, f"variant={self.name} does not apply to head={head_name(head)}: {why}")
+    def validate(self, head: Head, method: Pairing | None = None) -> None:
+        """Refuse a head or pairing where this variant has no meaning (one line naming both)."""
+        check(head.scoring in self.applies_to,
+              f"variant={self.name} does not apply to head={head.name}: {self.refusal}")
+        if method is not None and self.needs_negatives:
+            check(method.negatives, f"variant={self.name} acts on negatives, but method={method.name} has "
+                                    "none; use method=simclr or method=moco")
 
     # ------------------------------------------------------------- embeddings
-    def prepare(self, z: Tensor) -> Tensor:
+    def transform_embeddings(self, z: Tensor) -> Tensor:
         return z
 
     # ------------------------------------------------------------- kernel heads
@@ -80,7 +73,7 @@ class Variant(nn.Module):
     def transform_geometry(self, geo: Geometry, pairs: Pairs) -> Geometry:
         return geo
 
-    def kernel(self, energy: Tensor) -> Tensor | None:
+    def log_kernel(self, energy: Tensor) -> Tensor | None:
         return None
 
     # ------------------------------------------------------------- ridge heads

@@ -32,8 +32,6 @@ neither ``e^{l}`` nor the floor overflows. When the floor binds, the negatives g
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -45,10 +43,9 @@ from episodic.heads.variants.base import VARIANTS, Variant
 class Debiased(Variant):
     """DCL's debiased negative term; ``tau_plus`` is the prior that a "negative" shares the anchor's class."""
 
-    name = "debiased"
     replaces_loss = True
 
-    def __init__(self, tau_plus: float = 0.1, eps: float = 1e-6, dim: int | None = None, **_: Any) -> None:
+    def __init__(self, tau_plus: float = 0.1, eps: float = 1e-6) -> None:
         super().__init__()
         check(0 <= tau_plus < 1,
               f"variant.debiased.tau_plus={tau_plus} is not allowed; use 0 <= tau_plus < 1")

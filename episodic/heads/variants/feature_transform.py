@@ -44,15 +44,12 @@ Coefficients come from torch's global generator (seeded by the trainer).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.distributions import Beta
 
 from episodic.errors import check
-from episodic.heads.base import Geometry, Head, KernelHead, Pairs
-from episodic.heads.r2d2 import R2D2Head
+from episodic.heads.base import Geometry, Pairs, prototypes
 from episodic.heads.variants.base import VARIANTS, Variant
 
 
@@ -60,12 +57,13 @@ from episodic.heads.variants.base import VARIANTS, Variant
 class FeatureTransform(Variant):
     """Extrapolated (harder) positives and interpolated (mixed) negatives."""
 
-    name = "feature_transform"
     conflicts = ("soft_neighbors",)
+    applies_to = ("kernel", "ridge")
+    refusal = "its classes come from a fitted QP; use head=contrastive, protonet or r2d2"
 
     def __init__(self, alpha_pos: float = 2.0, alpha_neg: float = 1.6, positive: bool = True,
                  negative: bool = True, lambda_pos: float | None = None, lambda_neg: float | None = None,
-                 detach_partner: bool = True, dim: int | None = None, **_: Any) -> None:
+                 detach_partner: bool = True) -> None:
         super().__init__()
         check(alpha_pos > 0 and alpha_neg > 0,
               f"variant.feature_transform.alpha_pos/alpha_neg={alpha_pos}/{alpha_neg} are not allowed; "
@@ -80,11 +78,6 @@ class FeatureTransform(Variant):
         self.positive, self.negative = positive, negative
         self.lambda_pos, self.lambda_neg = lambda_pos, lambda_neg
         self.detach_partner = detach_partner
-
-    def check(self, head: Head, method: Any = None) -> None:
-        super().check(head, method)
-        if not isinstance(head, (KernelHead, R2D2Head)):
-            self.refuse(head, "its classes come from a fitted QP; use head=contrastive, protonet or r2d2")
 
     def sample_pos(self) -> float:
         if self.lambda_pos is not None:
@@ -110,7 +103,7 @@ class FeatureTransform(Variant):
         if self.positive:
             lam = self.sample_pos()
             w = t * pos
-            p = (w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)) @ c  # [E, A, d]
+            p = prototypes(c, w.transpose(1, 2), torch.finfo(w.dtype).tiny)  # [E, A, d]: each anchor's partner
             p = p.detach() if self.detach_partner else p
             ap, pp = (a * p).sum(-1, keepdim=True), p.pow(2).sum(-1, keepdim=True)
             dhat = lam * dot + (1 - lam) * (p @ c.transpose(1, 2))  # <a^, c>
@@ -136,8 +129,7 @@ class FeatureTransform(Variant):
         if not self.positive:
             return query
         lam = self.sample_pos()
-        counts = support_targets.sum(1).clamp_min(1e-12).unsqueeze(-1)
-        p = query_soft @ (support_targets.transpose(1, 2) @ support / counts)
+        p = query_soft @ prototypes(support, support_targets, 1e-12)
         return lam * query + (1 - lam) * (p.detach() if self.detach_partner else p)
 
     def extra_repr(self) -> str:

@@ -36,28 +36,26 @@ code has no warm-up. ``k = 0`` is the base head exactly (no columns, no bank wri
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from episodic.errors import check
-from episodic.heads.base import Head, KernelHead, Pairs, one_hot
-from episodic.heads.r2d2 import R2D2Head
+from episodic.heads.base import Pairs, one_hot
 from episodic.heads.variants.base import VARIANTS, Variant
+from episodic.models.memory import RingBuffer
 
 
 @VARIANTS.register("soft_neighbors")
 class SoftNeighbors(Variant):
     """Bank neighbours of each support row as extra, softly weighted positives."""
 
-    name = "soft_neighbors"
     conflicts = ("feature_transform",)
+    applies_to = ("kernel", "ridge")
+    refusal = "the QP would need per-sample slack weights; use head=contrastive, protonet or r2d2"
 
     def __init__(self, k: int = 5, bank_size: int = 4096, weight_temperature: float = 1.0,
-                 detach_weights: bool = False, warmup: bool = False, dim: int | None = None,
-                 **_: Any) -> None:
+                 detach_weights: bool = False, warmup: bool = False, dim: int = 128) -> None:
         super().__init__()
         check(isinstance(k, int) and k >= 0,
               f"variant.soft_neighbors.k={k!r} is not allowed; use an integer >= 0")
@@ -66,38 +64,21 @@ class SoftNeighbors(Variant):
         check(weight_temperature > 0,
               f"variant.soft_neighbors.weight_temperature={weight_temperature} is not allowed; "
               "use a value > 0")
-        check(dim is not None and dim >= 1, "variant=soft_neighbors needs the embedding width (dim)")
+        check(dim >= 1, f"variant=soft_neighbors needs the embedding width, got dim={dim}")
         self.k, self.size, self.temperature = k, bank_size, float(weight_temperature)
         self.detach_weights, self.warmup = detach_weights, warmup
-        bank = F.normalize(torch.randn(bank_size, int(dim)), dim=-1)  # type: ignore[arg-type]
-        self.register_buffer("bank", bank)
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("written", torch.zeros((), dtype=torch.long))
-
-    def check(self, head: Head, method: Any = None) -> None:
-        super().check(head, method)
-        if not isinstance(head, (KernelHead, R2D2Head)):
-            self.refuse(head, "the QP would need per-sample slack weights; "
-                              "use head=contrastive, protonet or r2d2")
+        self.bank = RingBuffer(F.normalize(torch.randn(bank_size, int(dim)), dim=-1))
 
     # ------------------------------------------------------------- the bank
     @torch.no_grad()
     def neighbours(self, rows: Tensor) -> Tensor:
         """The ``k`` nearest bank rows (cosine) of every row of ``rows [E, N, d]`` -> ``[E, N, k, d]``."""
-        bank = self.bank.to(rows.dtype)
+        bank = self.bank.rows.to(rows.dtype)
         sim = F.normalize(rows, dim=-1) @ F.normalize(bank, dim=-1).T
         return bank[sim.topk(self.k, dim=-1).indices]
 
-    @torch.no_grad()
-    def write(self, rows: Tensor) -> None:
-        x = rows.detach().reshape(-1, rows.shape[-1]).to(self.bank.dtype)[-self.size :]
-        idx = (self.ptr + torch.arange(len(x), device=x.device)) % self.size
-        self.bank[idx] = x
-        self.ptr.copy_((self.ptr + len(x)) % self.size)
-        self.written.add_(len(x))
-
     def active(self) -> float:
-        return 0.0 if self.warmup and int(self.written) < self.size else 1.0
+        return 0.0 if self.warmup and int(self.bank.written) < self.size else 1.0
 
     def _w(self, w: Tensor) -> Tensor:
         return (w.detach() if self.detach_weights else w) * self.active()
@@ -107,7 +88,7 @@ class SoftNeighbors(Variant):
         if self.k == 0:
             return pairs
         nb = self.neighbours(pairs.support).flatten(1, 2)  # [E, J, d], J = Ns * k
-        self.write(pairs.support)
+        self.bank.push(pairs.support)
         labels = pairs.support_labels.repeat_interleave(self.k, dim=1)  # class of each neighbour column
         oh = one_hot(labels, pairs.n_way, nb.dtype)  # [E, J, n_way]
         cos = F.normalize(pairs.anchors, dim=-1) @ F.normalize(nb, dim=-1).transpose(1, 2) / self.temperature
@@ -123,7 +104,7 @@ class SoftNeighbors(Variant):
         if self.k == 0:
             return support, targets
         nb = self.neighbours(support)  # [E, Ns, k, d]
-        self.write(support)
+        self.bank.push(support)
         cos = (F.normalize(support, dim=-1).unsqueeze(2) * F.normalize(nb, dim=-1)).sum(-1) / self.temperature
         w = self._w(cos.softmax(-1))  # [E, Ns, k]
         soft = (w.unsqueeze(-1) * targets.unsqueeze(2)).flatten(1, 2)

@@ -39,15 +39,12 @@ Defaults: ``dof = 5``: the argparse default, and what the released script runs (
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from episodic.errors import check
-from episodic.heads.base import Head, KernelHead, full_precision
-from episodic.heads.r2d2 import R2D2Head
-from episodic.heads.variants.base import VARIANTS, Variant
+from episodic.heads.base import Head, full_precision
+from episodic.heads.variants.base import VARIANTS, Pairing, Variant
 
 
 def student_t_log_kernel(energy: Tensor, dof: float) -> Tensor:
@@ -61,11 +58,12 @@ def student_t_log_kernel(energy: Tensor, dof: float) -> Tensor:
 class StudentTKernel(Variant):
     """Student-t kernel of squared distances in place of the exponential kernel."""
 
-    name = "t_kernel"
     replaces_kernel = True
+    applies_to = ("kernel", "ridge")
+    refusal = "its dual is built on a linear Gram matrix; use head=contrastive, protonet or r2d2"
 
     def __init__(self, dof: float | str = 5, standardize: str = "bn", bandwidth: float = 1.0,
-                 dim: int | None = None, **_: Any) -> None:
+                 ) -> None:
         super().__init__()
         try:
             nu = float(dof)
@@ -78,17 +76,14 @@ class StudentTKernel(Variant):
         self.dof, self.standardize, self.bandwidth = nu, standardize, float(bandwidth)
         self.replaces_l2 = standardize == "bn"  # type: ignore[misc]
 
-    def check(self, head: Head, method: Any = None) -> None:
-        super().check(head, method)
-        if isinstance(head, R2D2Head):
-            check(not getattr(method, "queue_size", 0),
-                  "variant=t_kernel with head=r2d2 solves an n x n kernel system; method=moco's queue "
-                  "makes n the queue size; set method.params.queue_size=0 or use head=contrastive/protonet")
-        elif not isinstance(head, KernelHead):
-            self.refuse(head, "its dual is built on a linear Gram matrix; "
-                              "use head=contrastive, protonet or r2d2")
+    def validate(self, head: Head, method: Pairing | None = None) -> None:
+        super().validate(head, method)
+        if head.scoring == "ridge" and method is not None:
+            check(not method.queue_size,
+                  f"variant=t_kernel with head={head.name} solves an n x n kernel system; method={method.name}'s "
+                  "queue makes n the queue size; set method.params.queue_size=0 or use head=contrastive/protonet")
 
-    def prepare(self, z: Tensor) -> Tensor:
+    def transform_embeddings(self, z: Tensor) -> Tensor:
         if self.standardize != "bn":
             return z
         check(z.shape[0] > 1,
@@ -96,7 +91,7 @@ class StudentTKernel(Variant):
         z = full_precision(z)  # BatchNorm1d(affine=False) in training mode: biased batch variance, eps 1e-5
         return (z - z.mean(0)) / (z.var(0, unbiased=False) + 1e-5).sqrt()
 
-    def kernel(self, energy: Tensor) -> Tensor:
+    def log_kernel(self, energy: Tensor) -> Tensor:
         return student_t_log_kernel(energy, self.dof)
 
     def gram(self, a: Tensor, c: Tensor) -> Tensor:
