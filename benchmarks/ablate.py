@@ -127,26 +127,24 @@ def preflight(cell: Cell, rotation: str, extra: Sequence[str]) -> str | None:
     """``None`` if ``cell`` trains for one step on a tiny digits episode, else the one-line reason."""
     import tempfile
 
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from episodic.cli import CONFIG_DIR, group_options
-    from episodic.engine import Trainer
+    from episodic.cli import compose_config, group_options
+    from episodic.config import validate
+    from episodic.engine import Trainer, check_config
     from episodic.errors import EpisodicError
 
     if f"{cell.head}" not in group_options("head"):
-        return f"no configs/head/{cell.head}.yaml"
+        return f"no head {cell.head!r}"
     if cell.variant != "none" and cell.variant not in group_options("variant"):
-        return f"no configs/variant/{cell.variant}.yaml"
+        return f"no variant {cell.variant!r}"
     overrides = [*PREFLIGHT, *cell.overrides(rotation), *[e for e in extra if not e.startswith("data")]]
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
+        cfg = compose_config("train", overrides)
+        validate(cfg)
+        check_config(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(cfg, tmp)
             trainer.train_step(trainer.train_set.images[: cfg.batch_size])
-    except (EpisodicError, HydraException, OmegaConfBaseException) as e:
+    except EpisodicError as e:
         return str(e).strip().splitlines()[0]
     return None
 

@@ -44,10 +44,8 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from hydra import compose, initialize_config_dir
-
     from episodic import distributed
-    from episodic.cli import CONFIG_DIR
+    from episodic.cli import compose_config
     from episodic.engine import Trainer
 
     if args["device"] == "cpu":
@@ -55,8 +53,7 @@ def _worker(rank: int, world: int, port: int, args: dict[str, Any], out: str) ->
     overrides = [*args["overrides"], f"batch_size={args['per_process_batch'] * world}",
                  f"device={args['device']}", f"precision={args['precision']}", "train.progress=false",
                  "eval.knn_every=0", "resume=null"]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir)
         batches = iter(trainer.make_loader(0))

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from episodic.cli import CONFIG_DIR, run_or_fail, validate_overrides
+from episodic.cli import compose_config, run_or_fail, validate_overrides
 from episodic.errors import check
 
 DEFAULTS = ["data=omniglot", "backbone=conv4", "train.progress=false"]
@@ -61,12 +61,9 @@ def key(way: int, shot: int) -> str:
 
 
 def compose(overrides: Sequence[str]) -> DictConfig:
-    """``configs/train.yaml`` with :data:`DEFAULTS` then ``overrides`` (one-line error on a bad override)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
+    """The training config with :data:`DEFAULTS` then ``overrides`` (one-line error on a bad override)."""
     validate_overrides("train", [*DEFAULTS, *overrides])
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=[*DEFAULTS, *overrides])
+    return compose_config("train", [*DEFAULTS, *overrides])
 
 
 # ------------------------------------------------------------------------------------------- evaluation

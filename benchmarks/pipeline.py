@@ -41,12 +41,9 @@ from episodic.engine import Trainer  # noqa: E402
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from episodic.cli import compose_config
 
-    from episodic.cli import CONFIG_DIR
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, float]:

@@ -30,20 +30,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from episodic.cli import CONFIG_DIR
 
 
 def make_trainer(head: str, backbone: str, batch: int, channels: int, size: int, tmp: str,
                  extra: Sequence[str], device: str = "cpu") -> Any:
-    from hydra import compose, initialize_config_dir
-
+    from episodic.cli import compose_config
     from episodic.engine import Trainer
 
     overrides = [f"head={head}", f"backbone={backbone}", "data=digits", f"data.channels={channels}",
                  f"data.augment.size={size}", f"batch_size={batch}", "n_supp=1", "n_query=1", "train.steps=100000",
                  "train.progress=false", f"device={device}", *extra]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     return Trainer(cfg, tmp)
 
 
@@ -146,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{r['backbone']:<12} {r['head']:<12} {r['bare_ms']:>9.1f} {r['step_ms']:>9.1f} {r['ratio']:>7.3f} "
               f"{r['median_round_ratio']:>9.3f}{flag}")
     if missing:
-        print(f"not measured (no configs/head/<name>.yaml): {', '.join(missing)}")
+        print(f"not measured (no such head): {', '.join(missing)}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
 from episodic.data.datasets import ArrayDataset, Splits, build_dataset
 from episodic.data.loader import BatchLoader, epoch_order
 from episodic.device import autocast, resolve_device, resolve_precision, use_channels_last
+from episodic.config import switch
 from episodic.errors import EpisodicError, check
 from episodic.heads.histograms import log_scores
 from episodic.model import EpisodicModel, StepOutput, build_model
@@ -54,6 +56,30 @@ log = logging.getLogger(__name__)
 
 def _params(node: Any) -> dict[str, Any]:
     return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}  # type: ignore[arg-type]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What a run is built from, checked before any data is read (after :func:`episodic.config.validate`):
+    the device, the episode layout over ``WORLD_SIZE`` processes, and the model, optimiser and schedule built
+    once on the meta device (every component's own checks, a variant against its head, a pairing against
+    its head)."""
+    protocol = cfg.eval.get("protocol")
+    check(protocol is None, f"eval={protocol} is a protocol of python -m episodic.eval; training evaluates with "
+                            "eval=quick")
+    resolve_device(str(cfg.device))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    scope = plan_scope(str(cfg.task.scope), cfg.n_way, int(cfg.batch_size), world, 0, int(cfg.optim.accu_iter))
+    with torch.device("meta"):
+        model = build_model(cfg, scope)
+        optimizer = build_optimizer(model, **_params(cfg.optim.optimizer))
+        size, channels = int(cfg.data.augment.size), int(cfg.data.channels)
+        try:  # shapes only, no arithmetic: a backbone too deep for the views fails here, not at step 1
+            model.encoder(torch.empty(2, channels, size, size))
+        except RuntimeError as e:
+            raise EpisodicError(f"backbone={cfg.backbone.name} cannot embed {channels}x{size}x{size} views "
+                                f"(data.augment.size={size}, data.channels={channels}): "
+                                f"{str(e).splitlines()[0]}") from None
+    build_scheduler(optimizer, int(cfg.train.steps), **_params(cfg.optim.schedule))
 
 
 def ssl_split(data: Splits, cfg: DictConfig) -> ArrayDataset:
@@ -91,23 +117,22 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = distributed.init_from_env(resolve_device(cfg.device))  # torchrun/SLURM env, or 1 process
         self.device = self.dist.device
-        self.scope = plan_scope(str(cfg.task.get("scope", "global")), cfg.n_way, int(cfg.batch_size),
-                                self.dist.world_size, self.dist.rank, cfg.optim.get("accu_iter", 1))
+        self.scope = plan_scope(str(cfg.task.scope), cfg.n_way, int(cfg.batch_size), self.dist.world_size,
+                                self.dist.rank, int(cfg.optim.accu_iter))
         self.accu_iter = self.scope.accu_iter  # micro-batches per optimizer step
         self.data = build_dataset(cfg.data.name, **_params(cfg.data.get("params")))
         self.train_set = ssl_split(self.data, cfg)
         self.model: EpisodicModel = build_model(cfg, self.scope).to(self.device)
-        self.model, self.sync_bn = distributed.convert_sync_batchnorm(self.model, cfg.get("sync_bn", "auto"),
-                                                                      self.dist)
-        self.precision = resolve_precision(cfg.get("precision", 32), self.device)
-        self.channels_last = bool(cfg.get("channels_last", True))
+        self.model, self.sync_bn = distributed.convert_sync_batchnorm(self.model, str(cfg.sync_bn), self.dist)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.channels_last = bool(cfg.channels_last)
         if self.channels_last:
             use_channels_last(self.model)
         self.train_model: nn.Module = self.model  # what train_step calls: DDP wrapper under several processes
         if self.dist.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(cfg.train.get("find_unused_parameters", False)))
+                find_unused_parameters=bool(cfg.train.find_unused_parameters))
         self.augment = BatchAugment(AugmentConfig(**_params(cfg.data.augment))).to(self.device)
         self.optimizer = build_optimizer(self.model, **_params(cfg.optim.optimizer))
         self.steps = int(cfg.train.steps)
@@ -131,7 +156,7 @@ class Trainer:
                             "n_way to a divisor of %d for accumulation equivalent to the larger batch "
                             "(docs/distributed.md)", self.accu_iter, self.scope.n_way, self.scope.n_way,
                             cfg.batch_size, cfg.batch_size, self.scope.n_way)
-        self.resume(cfg.get("resume"))
+        self.resume(cfg.resume)
 
     # ----------------------------------------------------------------- one step
     def train_step(self, images: Tensor) -> StepStats:
@@ -194,7 +219,7 @@ class Trainer:
             self.stop_requested = self._signal or "a signal to another process"
         if not bad:
             return True
-        if self.cfg.train.get("skip_nonfinite", False):
+        if self.cfg.train.skip_nonfinite:
             return False
         value = loss.item() if not torch.isfinite(loss) else "on another process"
         ckpt = str(self.last_checkpoint) if self.last_checkpoint is not None else "none written yet"
@@ -205,20 +230,15 @@ class Trainer:
 
     def make_loader(self, start_step: int = 0) -> BatchLoader:
         """Training batches from ``start_step`` on, per the ``loader`` config (:mod:`episodic.data.loader`)."""
-        lc = _params(self.cfg.get("loader"))
-        allowed = ("augment", "workers", "pin_memory", "persistent_workers", "prefetch")
-        unknown = sorted(set(lc) - set(allowed))
-        check(not unknown, f"unknown loader key(s) {unknown}; allowed: {', '.join(allowed)}")
-        pin = lc.get("pin_memory", "auto")
-        check(pin in ("auto", True, False), f"loader.pin_memory={pin!r} is not allowed; use auto, true or false")
+        lc = self.cfg.loader
+        pin = switch(lc.pin_memory, "loader.pin_memory")
         n, seed = len(self.train_set), int(self.cfg.seed)
         return BatchLoader(self.train_set.images, int(self.cfg.batch_size), lambda e: epoch_order(n, seed, e),
-                           mode=lc.get("augment", "device"), augment=self.augment.cfg,
-                           n_views=self.model.sampler.n_views,
-                           seed=seed, workers=lc.get("workers", 0),
-                           pin_memory=self.device.type == "cuda" if pin == "auto" else pin,
-                           persistent_workers=bool(lc.get("persistent_workers", True)),
-                           prefetch=lc.get("prefetch", 2), start_step=start_step,
+                           mode=str(lc.augment), augment=self.augment.cfg, n_views=self.model.sampler.n_views,
+                           seed=seed, workers=int(lc.workers),
+                           pin_memory=self.device.type == "cuda" if pin == "auto" else pin == "true",
+                           persistent_workers=bool(lc.persistent_workers), prefetch=int(lc.prefetch),
+                           start_step=start_step,
                            rank=self.dist.rank, world_size=self.dist.world_size)
 
     # ----------------------------------------------------------------- checkpoints
@@ -278,7 +298,7 @@ class Trainer:
         path = self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}.pt")
         if self.dist.is_main:
             checkpoint.save(state, path)
-            checkpoint.prune(path.parent, self.cfg.train.get("keep_last", 0))
+            checkpoint.prune(path.parent, int(self.cfg.train.keep_last))
         self.last_checkpoint = path
         return path
 
@@ -376,7 +396,7 @@ class Trainer:
                         writer.add_scalar(f"train/{k}", v, self.step)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", img_s=f"{rec['images_per_s']:.0f}")
                 t0, seen, wait = time.perf_counter(), 0, 0.0
-            if cfg.train.get("hist_every") and self.step % cfg.train.hist_every == 0:
+            if cfg.train.hist_every and self.step % cfg.train.hist_every == 0:
                 log_scores(writer, *self.last_scores, self.step)  # score histograms (episodic/heads/histograms.py)
             bar.update(1)
             t_mon = time.perf_counter()

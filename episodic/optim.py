@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from episodic.errors import EpisodicError
+from episodic.errors import EpisodicError, check
 from episodic.registry import Registry
 
 
@@ -61,23 +61,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=plain, weight_decay=0.0)]
 
 
+def check_momentum(momentum: float) -> None:
+    check(0.0 <= momentum < 1.0, f"optim.optimizer.momentum={momentum} is not allowed; use a value in [0, 1)")
+
+
 @OPTIMIZERS.register("sgd")
 def sgd(groups: list[dict[str, Any]], lr: float, momentum: float = 0.9, nesterov: bool = False) -> Optimizer:
+    check_momentum(momentum)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def check_betas(betas: Any) -> None:
+    ok = len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)
+    check(ok, f"optim.optimizer.betas={list(betas)} is not allowed; use two values in [0, 1)")
 
 
 @OPTIMIZERS.register("adam")
 def adam(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
+    check_betas(betas)
     return torch.optim.Adam(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
+    check_betas(betas)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
 
 
 @OPTIMIZERS.register("lars")
 def lars(groups: list[dict[str, Any]], lr: float, momentum: float = 0.9, eta: float = 0.001) -> Optimizer:
+    check_momentum(momentum)
+    check(eta > 0, f"optim.optimizer.eta={eta} is not allowed; use a value > 0")
     groups[1]["lars"] = False  # biases and norm parameters: plain SGD
     return LARS(groups, lr=lr, momentum=momentum, eta=eta)
 
@@ -85,6 +99,8 @@ def lars(groups: list[dict[str, Any]], lr: float, momentum: float = 0.9, eta: fl
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, **params: Any) -> Optimizer:
     """The optimizer ``name`` (``OPTIMIZERS``: sgd, adam, adamw, lars) over :func:`param_groups`; ``params``
     are that optimizer's own settings (a setting it does not take is one line naming it)."""
+    check(lr > 0, f"optim.optimizer.lr={lr} is not allowed; use a value > 0")
+    check(weight_decay >= 0, f"optim.optimizer.weight_decay={weight_decay} is not allowed; use a value >= 0")
     return OPTIMIZERS.build(name, groups=param_groups(model, weight_decay), lr=lr, **params)
 
 

@@ -28,26 +28,29 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from episodic.cli import CONFIG_DIR, run_or_fail, validate_overrides
+from episodic.config import register
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train per ``cfg``, evaluate trained vs random-init encoders, return the results dict."""
     from episodic import distributed
     from episodic.device import resolve_device
-    from episodic.engine import Trainer
+    from episodic.config import validate
+    from episodic.engine import Trainer, check_config
     from episodic.eval.knn import KNNMonitor
     from episodic.eval.quick import format_table, quick_eval
     from episodic.model import build_model
 
+    validate(cfg)  # again here: a sweep's jobs are composed by Hydra, not by validate_overrides
+    check_config(cfg)
     info = distributed.init_from_env(resolve_device(cfg.device))
     try:
         run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory on every rank
         trainer = Trainer(cfg, run_dir)
         ev, aug = cfg.eval, cfg.data.augment
-        knn = KNNMonitor(int(ev.get("knn_every", 0) or 0), str(ev.get("knn_unit", "epochs")),
-                         int(ev.get("knn_k", 200)), float(ev.get("knn_t", 0.1)),
+        knn = KNNMonitor(int(ev.knn_every), str(ev.knn_unit), int(ev.knn_k), float(ev.knn_t),
                          len(trainer.train_set) // int(cfg.batch_size), run_dir / "knn.jsonl", trainer.step,
-                         info.is_main, aug.get("mean"), aug.get("std"))
+                         info.is_main, aug.mean, aug.std)
         trainer.fit([knn])
         if trainer.stop_requested is not None:
             if info.is_main:
@@ -61,7 +64,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         baseline = build_model(cfg).backbone.to(trainer.device)
         res = quick_eval(trainer.model.backbone, baseline, trainer.data, cfg, trainer.device, Path(run_dir))
         print(format_table(res, f"{cfg.head.name} on {cfg.data.name}, {trainer.steps} steps -> {run_dir}"))
-        if cfg.eval.get("plots", False):
+        if cfg.eval.plots:
             from episodic.eval.plots import save_run_plots  # accuracy curve, score histograms, embedding map
 
             save_run_plots(trainer, run_dir)
@@ -89,8 +92,15 @@ def rank_overrides(argv: list[str]) -> list[str]:
     return extra
 
 
+def _check(cfg: DictConfig) -> None:
+    from episodic.engine import check_config
+
+    check_config(cfg)
+
+
 def main() -> None:
-    validate_overrides("train", sys.argv[1:])
+    register()
+    validate_overrides("train", sys.argv[1:], _check)
     sys.argv += rank_overrides(sys.argv[1:])
     _hydra_main()
 

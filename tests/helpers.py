@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from episodic.cli import CONFIG_DIR
+from episodic.config import register
 
 if TYPE_CHECKING:
     from episodic.heads.base import Head, HeadOutput
@@ -24,6 +25,7 @@ TINY = ["backbone.params.width=16", "backbone.projector.hidden_dim=32", "backbon
 
 
 def make_cfg(*overrides: str, config: str = "train") -> DictConfig:
+    register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose(config, overrides=list(overrides))
 

@@ -1,7 +1,8 @@
-"""Adding a head, an episode sampler or a task augmentation is one file (plus, for a head or a sampler,
-one config), and nothing else: each test copies the package, writes only those files into the copy,
-and trains two steps through the real config and trainer, in one process and in two gloo processes
-(torchrun), with every variant the new head's declared capabilities allow."""
+"""Adding a head, an episode sampler or a task augmentation is one file and nothing else: its config
+(``head=<name>`` with its parameters and defaults, ``task.<name>.*``) is generated from its constructor.
+Each test copies the package, writes only that file into the copy, and trains two steps through the real
+config and trainer, in one process and in two gloo processes (torchrun), with every variant the new
+head's declared capabilities allow."""
 
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ pytestmark = pytest.mark.slow
 DRIVER = '''
 import json, sys
 from pathlib import Path
-from hydra import compose, initialize_config_dir
 from episodic import distributed
-from episodic.cli import CONFIG_DIR
+from episodic.cli import CONFIG_DIR, compose_config
 from episodic.engine import Trainer
 import torch
 
@@ -35,8 +35,7 @@ out, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
 info = distributed.init_from_env(torch.device("cpu"))
 losses = {}
 for i, overrides in enumerate(runs):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     trainer = Trainer(cfg, out / str(i))
     trainer.fit()
     losses[i] = [r["loss"] for r in trainer.history]
@@ -130,9 +129,8 @@ class Mirror(NewClassTransform):
 
 
 def copy_package(dst: Path) -> Path:
-    """The package and its configs, as a checkout has them, under ``dst``."""
-    for part in ("episodic", "configs"):
-        shutil.copytree(ROOT / part, dst / part, ignore=shutil.ignore_patterns("__pycache__"))
+    """The package (its configs included), as a checkout has it, under ``dst``."""
+    shutil.copytree(ROOT / "episodic", dst / "episodic", ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
 
@@ -155,10 +153,9 @@ def train_both_ways(src: Path, runs: list[list[str]], tmp: Path) -> None:
             assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (runs[i], losses)
 
 
-def test_a_new_head_is_one_file_and_one_config(tmp_path: Path) -> None:
+def test_a_new_head_is_one_file(tmp_path: Path) -> None:
     src = copy_package(tmp_path / "src")
     (src / "episodic" / "heads" / "nearest.py").write_text(HEAD)
-    (src / "configs" / "head" / "nearest.yaml").write_text("name: nearest\nparams:\n  temperature: 0.5\n")
     # the variants its declared capabilities allow (a kernel head: all of them), in the head's own process
     check = ("from episodic.heads.base import HEADS\nfrom episodic.heads.variants import VARIANTS\n"
              "h = HEADS.get('nearest')\nprint(' '.join(n for n in VARIANTS.names() "
@@ -172,15 +169,15 @@ def test_a_new_head_is_one_file_and_one_config(tmp_path: Path) -> None:
     train_both_ways(src, runs + [["head=nearest", "method=moco", "method.params.queue_size=64"]], tmp_path)
 
 
-def test_a_new_sampler_is_one_file_and_one_config(tmp_path: Path) -> None:
+def test_a_new_sampler_is_one_file(tmp_path: Path) -> None:
     src = copy_package(tmp_path / "src")
     (src / "episodic" / "tasks" / "samplers" / "groups.py").write_text(SAMPLER)
-    (src / "configs" / "sampler" / "groups.yaml").write_text("name: groups\nparams:\n  group: 2\n")
-    train_both_ways(src, [["sampler=groups", "head=protonet"], ["sampler=groups", "head=r2d2"]], tmp_path)
+    train_both_ways(src, [["sampler=groups", "head=protonet"], ["sampler=groups", "head=r2d2", "sampler.params.group=4"]],
+                    tmp_path)
 
 
 def test_a_new_task_augmentation_is_one_file(tmp_path: Path) -> None:
     src = copy_package(tmp_path / "src")
     (src / "episodic" / "tasks" / "mirror.py").write_text(AUGMENT)
-    train_both_ways(src, [["task.augment=[mirror]", "+task.mirror.p=0.5"],
-                          ["head=contrastive", "task.augment=[mirror,rotate]", "+task.mirror.p=1.0"]], tmp_path)
+    train_both_ways(src, [["task.augment=[mirror]", "task.mirror.p=0.5"],
+                          ["head=contrastive", "task.augment=[mirror,rotate]", "task.mirror.p=1.0"]], tmp_path)

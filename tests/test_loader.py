@@ -13,6 +13,7 @@ from helpers import TINY, make_cfg
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
 from episodic.data.loader import BatchLoader, EpochBatchSampler, batch_seed
 from episodic.data.loader import batch_indices, epoch_order
+from episodic.config import validate
 from episodic.engine import Trainer
 from episodic.errors import EpisodicError
 
@@ -105,8 +106,8 @@ def test_fit_uses_the_loader_and_logs_throughput(tmp_path: Path) -> None:
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert {"train/images_per_s", "train/data_wait", "train/loss"} <= set(acc.Tags()["scalars"])
-    with pytest.raises(EpisodicError, match=r"unknown loader key\(s\) \['threads'\]"):
-        Trainer(make_cfg(*TINY, "+loader.threads=2"), tmp_path).make_loader()
+    with pytest.raises(EpisodicError, match=r"unknown key loader.threads; allowed at loader: augment, "):
+        validate(make_cfg(*TINY, "+loader.threads=2"))
 
 
 def test_train_step_accepts_pre_augmented_views(tmp_path: Path) -> None:

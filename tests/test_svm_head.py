@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+
+from helpers import make_cfg
 
 from episodic.errors import EpisodicError
 from episodic.heads import HEADS
@@ -18,7 +18,7 @@ from episodic.solvers.fast import FastSolver
 from episodic.tasks import ViewSampler
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"), pytest.mark.usefixtures("one_thread")]  # cvxpylayers
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "head" / "svm.yaml"
+
 
 
 
@@ -138,7 +138,7 @@ def test_projection_matches_sort_based_formula() -> None:
 
 
 def test_config_builds_the_head_and_forward_trains_the_scale() -> None:
-    cfg = OmegaConf.load(CONFIG)
+    cfg = make_cfg("head=svm").head
     head = HEADS.build(cfg.name, **cfg.params)
     assert isinstance(head, SVMHead) and head.solver.C == 0.1 and head.backend == "fast"
     z = torch.randn(2, 8, 16)  # 2 views (support, query) of 8 images

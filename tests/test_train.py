@@ -40,8 +40,9 @@ def test_n_way_episodes_run(tmp_path: Path) -> None:
     (["n_supp=0"], "error: n_supp=0 is not allowed; use an integer >= 1"),
     (["batch_size=30", "n_way=8"], "error: n_way=8 does not divide the batch of 30 images"),
     (["data=cifar10", "data.params.root=/nonexistent"], "error: cifar-10-batches-py/ folder not found at '/nonexistent/"),
-    (["n_quey=1"], "error: Could not override 'n_quey'"),
-    (["head=r2d2", "+head.params.temperature=0.1"], "error: head 'r2d2' has no parameter 'temperature'; allowed: lam, "),
+    (["n_quey=1"], "error: unknown key n_quey (did you mean n_query?); allowed at the top level: "),
+    (["head=r2d2", "+head.params.temperature=0.1"],
+     "error: unknown key head.params.temperature; allowed at head.params: bias, lam, "),
 ])
 def test_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:
     p = run_cli("episodic.train", *args, "train.steps=1", "train.progress=false")

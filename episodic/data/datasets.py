@@ -32,7 +32,7 @@ from torch import Tensor
 from episodic.errors import EpisodicError, check
 from episodic.registry import Registry
 
-DATASETS: Registry = Registry("dataset", None)
+DATASETS: Registry = Registry("dataset", "episodic.data")
 
 
 @dataclass
@@ -80,6 +80,12 @@ def from_nhwc(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) ->
                         [str(c) for c in classes])
 
 
+def check_size(size: int | None, key: str = "data.params.image_size", low: int = 1) -> None:
+    """An image size parameter: null (keep the files' size) or an integer >= ``low``."""
+    check(size is None or (isinstance(size, int) and size >= low),
+          f"{key}={size!r} is not allowed; use null or an integer >= {low}")
+
+
 def resize_uint8(images: Tensor, size: int | None) -> Tensor:
     """Bilinear (antialiased) resize of uint8 ``[N, C, H, W]`` to ``size x size``."""
     if size is None or images.shape[-2:] == (size, size):
@@ -96,8 +102,10 @@ def _need(path: Path, what: str) -> Path:
 
 
 @DATASETS.register("digits")
-def digits(image_size: int = 32, **_: Any) -> Splits:
+def digits(image_size: int = 32) -> Splits:
     """scikit-learn's digits: 1,797 8x8 images (0..16) -> uint8, upsampled; fixed 70/30 split."""
+    check(isinstance(image_size, int) and image_size >= 8,
+          f"data.params.image_size={image_size!r} is not allowed; use an integer >= 8 (the digits are 8x8)")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -126,8 +134,9 @@ def load_npz(path: str | Path) -> ArrayDataset:
 
 
 @DATASETS.register("npz")
-def npz(train: str, test: str, image_size: int | None = None, root: str | None = None, **_: Any) -> Splits:
+def npz(train: str, test: str, image_size: int | None = None, root: str | None = None) -> Splits:
     """Two ``.npz`` files (paths relative to ``root`` if given)."""
+    check_size(image_size)
     base = Path(root).expanduser() if root else Path(".")
     tr, te = load_npz(base / train), load_npz(base / test)
     return Splits(ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, tr.classes),
@@ -160,14 +169,14 @@ def _cifar(root: str, folder: str, train_files: list[str], test_files: list[str]
 
 
 @DATASETS.register("cifar10")
-def cifar10(root: str = "data", download: bool = False, **_: Any) -> Splits:
+def cifar10(root: str = "data", download: bool = False) -> Splits:
     """CIFAR-10 from ``root/cifar-10-batches-py`` (50,000 / 10,000 images)."""
     return _cifar(root, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                   "batches.meta", "labels", "label_names", download, "CIFAR10")
 
 
 @DATASETS.register("cifar100")
-def cifar100(root: str = "data", download: bool = False, **_: Any) -> Splits:
+def cifar100(root: str = "data", download: bool = False) -> Splits:
     """CIFAR-100 (fine labels) from ``root/cifar-100-python``."""
     return _cifar(root, "cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names",
                   download, "CIFAR100")
@@ -186,8 +195,9 @@ def read_stl10(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @DATASETS.register("stl10")
 def stl10(root: str = "data", download: bool = False, image_size: int | None = None,
-          unlabeled: bool = True, **_: Any) -> Splits:
+          unlabeled: bool = True) -> Splits:
     """STL-10 from ``root/stl10_binary``; ``train`` = labeled train (+ the 100k unlabeled split)."""
+    check_size(image_size)
     base = Path(root).expanduser()
     if download and not (base / "stl10_binary").exists():
         import torchvision
@@ -207,8 +217,10 @@ def stl10(root: str = "data", download: bool = False, image_size: int | None = N
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(root: str, image_size: int = 32, channels: int = 3, **_: Any) -> Splits:
+def imagefolder(root: str, image_size: int = 32, channels: int = 3) -> Splits:
     """``root/{train,test}/<class>/<image>`` read with torchvision's ImageFolder, resized to a square."""
+    check_size(image_size)
+    check(channels in (1, 3), f"data.params.channels={channels!r} is not allowed; use 1 or 3")
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
@@ -220,26 +232,6 @@ def imagefolder(root: str, image_size: int = 32, channels: int = 3, **_: Any) ->
         return from_nhwc(np.stack(xs), np.asarray(folder.targets), folder.classes)
 
     return Splits(read("train"), read("test"))
-
-
-def _lazy(module: str, name: str, doc: str) -> Any:
-    """A builder that imports ``module`` only when dataset ``name`` is asked for."""
-
-    def build(**params: Any) -> Splits:
-        return getattr(importlib.import_module(module), name)(**params)
-
-    build.__doc__ = doc
-    return build
-
-
-for _name, _module, _doc in [
-    ("omniglot", "episodic.data.omniglot", "Omniglot, Vinyals split by default (npz arrays or the original folders)."),
-    ("cifar_fs", "episodic.data.fewshot_datasets", "CIFAR-FS (64/16/20 classes of CIFAR-100)."),
-    ("fc100", "episodic.data.fewshot_datasets", "FC100 (60/20/20 classes of CIFAR-100 by superclass)."),
-    ("mini_imagenet", "episodic.data.fewshot_datasets", "mini-ImageNet via learn2learn from a local root."),
-    ("tiered_imagenet", "episodic.data.fewshot_datasets", "tiered-ImageNet via learn2learn from a local root."),
-]:
-    DATASETS.register(_name)(_lazy(_module, _name, _doc))
 
 
 def build_dataset(name: str, **params: Any) -> Splits:

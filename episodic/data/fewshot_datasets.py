@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from episodic.data.datasets import ArrayDataset, Splits, from_nhwc, load_npz, resize_uint8
+from episodic.data.datasets import DATASETS, ArrayDataset, Splits, from_nhwc, load_npz, resize_uint8
 from episodic.errors import EpisodicError, check
 
 __all__ = ["CIFAR100_SUPERCLASSES", "CIFAR_FS_SPLITS", "FC100_SUPERCLASS_SPLITS", "fc100_splits", "class_order",
@@ -143,14 +143,16 @@ def _cifar_split(name: str, splits: dict[str, Sequence[str]], root: str, downloa
     return Splits(relabel(src.train, order, name), relabel(src.test, order, name))
 
 
+@DATASETS.register("cifar_fs")
 def cifar_fs(root: str = "data", download: bool = False, train_npz: str | None = None,
-             test_npz: str | None = None, **_: Any) -> Splits:
+             test_npz: str | None = None) -> Splits:
     """CIFAR-FS: classes 0-63 meta-train, 64-79 meta-val, 80-99 meta-test; CIFAR-100's train/test images."""
     return _cifar_split("cifar_fs", CIFAR_FS_SPLITS, root, download, train_npz, test_npz)
 
 
+@DATASETS.register("fc100")
 def fc100(root: str = "data", download: bool = False, train_npz: str | None = None,
-          test_npz: str | None = None, **_: Any) -> Splits:
+          test_npz: str | None = None) -> Splits:
     """FC100: classes 0-59 meta-train, 60-79 meta-val, 80-99 meta-test; CIFAR-100's train/test images."""
     return _cifar_split("fc100", fc100_splits(), root, download, train_npz, test_npz)
 
@@ -208,8 +210,8 @@ def _assemble(parts: list[tuple[np.ndarray, np.ndarray, list[str]]], holdout: fl
     return Splits(full.select(torch.from_numpy(tr)), full.select(torch.from_numpy(te)))
 
 
-def mini_imagenet(root: str = "data", holdout: float = 1 / 6, image_size: int | None = None,
-                  **_: Any) -> Splits:
+@DATASETS.register("mini_imagenet")
+def mini_imagenet(root: str = "data", holdout: float = 1 / 6, image_size: int | None = None) -> Splits:
     """mini-ImageNet through ``learn2learn.vision.datasets.MiniImagenet`` (100 classes x 600, 84x84)."""
     base = Path(root).expanduser()
     files = [base / f"mini-imagenet-cache-{m}.pkl" for m in _L2L_MODES]
@@ -236,8 +238,9 @@ def _decode_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@DATASETS.register("tiered_imagenet")
 def tiered_imagenet(root: str = "data", holdout: float = 1 / 6, image_size: int | None = None,
-                    decode_threads: int = 4, **_: Any) -> Splits:
+                    decode_threads: int = 4) -> Splits:
     """tiered-ImageNet through ``learn2learn.vision.datasets.TieredImagenet`` (608 classes, 84x84 PNGs
     decoded once into memory: about 16.5 GB for the three splits)."""
     base = Path(root).expanduser()

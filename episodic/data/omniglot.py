@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from episodic.data.datasets import ArrayDataset, Splits, load_npz, resize_uint8
+from episodic.data.datasets import DATASETS, ArrayDataset, Splits, load_npz, resize_uint8
 from episodic.errors import EpisodicError, check
 
 __all__ = ["SETS", "ROTATIONS", "Characters", "load_characters", "read_split_list", "character_images",
@@ -219,10 +219,11 @@ def character_images(images: Tensor, rows: Sequence[Tensor], names: Sequence[str
     return images_r.flatten(0, 1).index_select(0, order), labels[order], classes
 
 
+@DATASETS.register("omniglot")
 def omniglot(root: str = "../shared/data", split: str = "vinyals", splits_dir: str | None = None,
              eval_split: str = "test", image_size: int | None = 28, train_rotations: bool = False,
              test_rotations: bool = True, invert: bool = True, format: str = "auto",
-             train_image_size: int | None = None, **_: Any) -> Splits:
+             train_image_size: int | None = None) -> Splits:
     """Omniglot as :class:`Splits`: ``train`` = training characters, ``test`` = ``eval_split`` characters.
 
     ``splits_dir`` defaults to ``root/omniglot_vinyals``. See the module docstring for every option.

@@ -9,7 +9,7 @@ the random-init encoder of the same architecture and seed; appends the result to
     python -m episodic.eval eval=semi    checkpoint=runs/.../checkpoints/last.pt eval.fractions=[0.1]
     python -m episodic.eval eval=knn     checkpoint=runs/.../checkpoints/last.pt data=cifar10 eval.k=[20,200]
 
-Protocol settings are in ``configs/eval/<protocol>.yaml``; the root config is ``configs/evaluate.yaml``.
+Protocol settings are the schemas in :mod:`episodic.config`; the root config is ``episodic/configs/evaluate.yaml``.
 Bad input (no checkpoint, a checkpoint of another backbone, a missing split, N or K larger than
 the classes allow) ends with one ``error: ...`` line and exit code 2.
 """

@@ -19,7 +19,7 @@ Two solvers:
   learning rate sees the backbone's feature scale: a random-init twin with tiny features barely
   moves from chance in a short schedule, where the standardised L-BFGS probe does not care.
 
-Per-dataset recipes (``configs/eval/linear.yaml``): CIFAR-10/100 batch 1024, lr 0.1, wd 1e-4,
+Per-dataset recipes (:data:`episodic.config.LINEAR_RECIPES`): CIFAR-10/100 batch 1024, lr 0.1, wd 1e-4,
 80,000 steps; ImageNet batch 4096, lr 1.6, wd 0, 28,080 steps (about 90 epochs).
 """
 

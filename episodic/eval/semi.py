@@ -5,7 +5,7 @@ zero-initialised linear layer trained end to end with cross-entropy, BatchNorm i
 SGD momentum 0.9, no weight decay, no warm-up, learning rate decayed linearly to 0, batch 240,
 training images augmented with random resized crop + flip, test images not augmented. On ImageNet:
 1% -> lr 0.05 for 3,000 steps, 10% -> lr 0.1 for 60,000 steps, i.e. about 56 and 112 passes over the
-labelled subset; ``configs/eval/semi.yaml`` states the schedule in those passes (``epochs``) so it
+labelled subset; ``eval=semi`` (:class:`episodic.config.SemiEval`) states the schedule in those passes (``epochs``) so it
 carries over to any dataset (``eval.steps`` overrides).
 
 Labelled subsets are class-balanced and fixed by a seed: every class contributes

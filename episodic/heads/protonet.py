@@ -42,7 +42,7 @@ from episodic.tasks.episode import Episode
 class ProtoNetHead(KernelHead):
     """Prototypes as class means; logits = -squared distance / tau (or cosine / tau)."""
 
-    def __init__(self, temperature: float = 0.1, normalize: bool = True, metric: str = "euclidean",
+    def __init__(self, temperature: float = 0.4, normalize: bool = True, metric: str = "euclidean",
                  learn_scale: bool = False) -> None:
         super().__init__()
         check(temperature > 0, f"head.params.temperature={temperature} is not allowed; use a value > 0")

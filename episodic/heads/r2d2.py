@@ -12,8 +12,8 @@ with a Cholesky factorisation (the matrix is symmetric positive definite for ``l
 
 Names. The metacontrastive reference divides unit-normalised embeddings by sqrt(T) before the
 ridge solve; that leaves the logits unchanged and only rescales the penalty: ``lam_eff = reg * T``
-(its defaults reg = 50, T = 0.1 are ``lam = 5``; ``configs/head/r2d2.yaml`` uses ``lam = 0.2``, tuned
-on digits). So this head has an honest ``lam`` and a separate logit ``scale`` (learnable by default,
+(its defaults reg = 50, T = 0.1 are ``lam = 5``; the default here, ``lam = 0.2`` with an initial logit
+scale of 10, was tuned on digits: 69.1 vs 66.1 5-way 1-shot after 150 steps). So this head has an honest ``lam`` and a separate logit ``scale`` (learnable by default,
 as in MetaOptNet and MetaAug) and optional bias.
 
 Extensions used by encoder pairings and variants (all off by default):
@@ -76,7 +76,7 @@ class R2D2Head(Head):
     scoring: ClassVar[Scoring] = "ridge"
     supports_memory: ClassVar[bool] = True
 
-    def __init__(self, lam: float = 5.0, scale: float = 1.0, learn_scale: bool = True, bias: bool = False,
+    def __init__(self, lam: float = 0.2, scale: float = 10.0, learn_scale: bool = True, bias: bool = False,
                  normalize: bool = True, solve: str = "auto") -> None:
         super().__init__()
         check(lam > 0, f"head.params.lam={lam} is not allowed; the ridge penalty must be > 0")

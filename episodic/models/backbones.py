@@ -14,9 +14,15 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from episodic.errors import check
 from episodic.registry import Registry
 
 BACKBONES: Registry = Registry("backbone", None)
+
+
+def positive(key: str, value: int) -> None:
+    """``key=value`` must be an integer >= 1 (one line otherwise)."""
+    check(isinstance(value, int) and value >= 1, f"{key}={value!r} is not allowed; use an integer >= 1")
 
 
 class Backbone(nn.Module):
@@ -36,6 +42,8 @@ class Conv4(Backbone):
 
     def __init__(self, in_channels: int = 3, width: int = 64, depth: int = 4) -> None:
         super().__init__()
+        positive("backbone.params.width", width)
+        positive("backbone.params.depth", depth)
         chans = [in_channels] + [width] * depth
         self.features = nn.Sequential(*[_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:])])
         self.feat_dim = width
@@ -66,6 +74,8 @@ class ResNetTiny(Backbone):
 
     def __init__(self, in_channels: int = 3, width: int = 16, blocks: int = 1) -> None:
         super().__init__()
+        positive("backbone.params.width", width)
+        positive("backbone.params.blocks", blocks)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         layers, cin = [], width

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from episodic.errors import check
+
 
 class Projector(nn.Module):
     """MLP projector; ``out_dim`` is the embedding width the head sees."""
@@ -15,6 +17,9 @@ class Projector(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, layers: int = 2,
                  last_bn: bool = False) -> None:
         super().__init__()
+        for key, value in (("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            check(value >= 1, f"backbone.projector.{key}={value} is not allowed; use an integer >= 1")
+        check(layers >= 0, f"backbone.projector.layers={layers} is not allowed; use 0 (none) or an integer >= 1")
         mods: list[nn.Module] = []
         d = in_dim
         for _ in range(layers - 1):

@@ -7,9 +7,9 @@ classes from a momentum queue or from clusters. It runs first in the model's for
 given (its momentum encoder, its queue) but never trains it. A sampler with state (centroids, a
 refresh counter) keeps it in buffers, so checkpoints carry it.
 
-Adding one is one module in this package, registered with ``@SAMPLERS.register("name")``, plus
-``configs/sampler/name.yaml``; ``n_supp``, ``n_query`` and ``n_way`` come from the top-level config,
-its own parameters from ``sampler.params``.
+Adding one is one module in this package, registered with ``@SAMPLERS.register("name")``: ``sampler=name``
+then selects it, its constructor's other keyword parameters become ``sampler.params.*`` (episodic/config.py);
+``n_supp``, ``n_query`` and ``n_way`` come from the top-level config.
 """
 
 from __future__ import annotations
