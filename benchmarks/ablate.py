@@ -37,22 +37,35 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "omniglot_fewshot.py"
 SETTINGS = ["5way1shot", "5way5shot", "20way1shot", "20way5shot"]
-LABELS = {"5way1shot": "5-way 1-shot", "5way5shot": "5-way 5-shot", "20way1shot": "20-way 1-shot",
-          "20way5shot": "20-way 5-shot"}
+LABELS = {
+    "5way1shot": "5-way 1-shot",
+    "5way5shot": "5-way 5-shot",
+    "20way1shot": "20-way 1-shot",
+    "20way5shot": "20-way 5-shot",
+}
 UMTRA = {"5way1shot": 83.8, "5way5shot": 95.4, "20way1shot": 74.3, "20way5shot": 92.1}
 ROTATION = "task.augment=[rotate]"
 VARIANTS = {"none": [], "debiased": ["variant=debiased"], "t_kernel": ["variant=t_kernel"]}
-PREFLIGHT = ["data=digits", "backbone=conv4", "backbone.params.width=8", "backbone.projector.hidden_dim=16",
-             "backbone.projector.out_dim=8", "batch_size=16", "train.steps=2", "train.progress=false",
-             "device=cpu"]
+PREFLIGHT = [
+    "data=digits",
+    "backbone=conv4",
+    "backbone.params.width=8",
+    "backbone.projector.hidden_dim=16",
+    "backbone.projector.out_dim=8",
+    "batch_size=16",
+    "train.steps=2",
+    "train.progress=false",
+    "device=cpu",
+]
 
 
 @dataclass(frozen=True)
@@ -153,8 +166,18 @@ def launch(cell: Cell, seed: int, fraction: float, args: argparse.Namespace, out
     """Run one cell in its own process; ``True`` when its ``result.json`` was written."""
     rd = run_dir(out, cell, seed, fraction)
     rd.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(BENCH), "--out", str(rd), "--name", rd.name, "--episodes", str(args.episodes),
-           "--random-init-cache", str(out / "random_init")]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--out",
+        str(rd),
+        "--name",
+        rd.name,
+        "--episodes",
+        str(args.episodes),
+        "--random-init-cache",
+        str(out / "random_init"),
+    ]
     if args.steps is not None:
         cmd += ["--steps", str(max(1, round(args.steps * fraction)))]
     if args.seconds is not None:
@@ -178,8 +201,11 @@ def launch(cell: Cell, seed: int, fraction: float, args: argparse.Namespace, out
     else:
         (rd / "failed.txt").unlink(missing_ok=True)
         r = json.loads((rd / "result.json").read_text())
-        print(f"[ablate]   {r['steps']} steps, {r['train_seconds']:.0f} s train, "
-              f"{time.perf_counter() - t0:.0f} s total: 5w1s {r['fewshot']['5way1shot']['mean']:.1f}", flush=True)
+        print(
+            f"[ablate]   {r['steps']} steps, {r['train_seconds']:.0f} s train, "
+            f"{time.perf_counter() - t0:.0f} s total: 5w1s {r['fewshot']['5way1shot']['mean']:.1f}",
+            flush=True,
+        )
     return ok
 
 
@@ -227,8 +253,9 @@ def curve_points(runs: dict[int, dict[str, Any]], field: str) -> tuple[list[floa
     return xs, ys, es
 
 
-def plot(path: Path, out: Path, heads: Sequence[str], seeds: Sequence[int], fractions: Sequence[float],
-         budget_label: str) -> bool:
+def plot(
+    path: Path, out: Path, heads: Sequence[str], seeds: Sequence[int], fractions: Sequence[float], budget_label: str
+) -> bool:
     """5-way 1-shot against the budget per head: separate runs at ``fractions`` of it, or in-run curves."""
     import matplotlib
 
@@ -247,8 +274,11 @@ def plot(path: Path, out: Path, heads: Sequence[str], seeds: Sequence[int], frac
             runs = load(out, Cell(head, False, "none"), seeds, f)
             if not runs:
                 continue
-            field = {"training steps": "steps", "training seconds": "train_seconds",
-                     "training CPU seconds": "train_cpu_seconds"}[budget_label]
+            field = {
+                "training steps": "steps",
+                "training seconds": "train_seconds",
+                "training CPU seconds": "train_cpu_seconds",
+            }[budget_label]
             steps = [r[field] for r in runs.values()]
             v = list(acc(runs).values())
             h = t_half_width(v)
@@ -272,11 +302,18 @@ def plot(path: Path, out: Path, heads: Sequence[str], seeds: Sequence[int], frac
     return True
 
 
-def report(args: argparse.Namespace, cells: Sequence[Cell], skipped: dict[Cell, str], out: Path,
-           argv: Sequence[str]) -> str:
-    budget = " and ".join(x for x in [f"{args.steps} steps" if args.steps else "",
-                                      f"{args.seconds:g} s of training" if args.seconds else "",
-                                      f"{args.cpu_seconds:g} CPU s of training" if args.cpu_seconds else ""] if x)
+def report(
+    args: argparse.Namespace, cells: Sequence[Cell], skipped: dict[Cell, str], out: Path, argv: Sequence[str]
+) -> str:
+    budget = " and ".join(
+        x
+        for x in [
+            f"{args.steps} steps" if args.steps else "",
+            f"{args.seconds:g} s of training" if args.seconds else "",
+            f"{args.cpu_seconds:g} CPU s of training" if args.cpu_seconds else "",
+        ]
+        if x
+    )
     evaluated = "the 423 Vinyals test characters x 4 rotations (1,692 classes)"
     for cell in cells:
         any_run = next(iter(load(out, cell, args.seeds, 1.0).values()), None)
@@ -299,7 +336,8 @@ def report(args: argparse.Namespace, cells: Sequence[Cell], skipped: dict[Cell, 
         f"Cells: mean ± 95% interval over seeds (Student t); seeds {', '.join(map(str, args.seeds))}. "
         f"Extra overrides for every run: {' '.join(f'`{e}`' for e in args.extra) or 'none'}.",
         "",
-        "| configuration | seeds | steps | train s | " + " | ".join(LABELS[s] for s in SETTINGS)
+        "| configuration | seeds | steps | train s | "
+        + " | ".join(LABELS[s] for s in SETTINGS)
         + " | beats UMTRA on all 4 |",
         "|---|---:|---:|---:|" + "---:|" * len(SETTINGS) + "---|",
     ]
@@ -314,20 +352,34 @@ def report(args: argparse.Namespace, cells: Sequence[Cell], skipped: dict[Cell, 
             baseline.setdefault(s, r)
         means = {k: mean(list(acc(runs, k).values())) for k in SETTINGS}
         beats = "yes" if all(means[k] > UMTRA[k] for k in SETTINGS) else "no"
-        lines.append(f"| {cell.label} | {len(runs)} | {mean([r['steps'] for r in runs.values()]):.0f} | "
-                     f"{mean([r['train_seconds'] for r in runs.values()]):.0f} | "
-                     + " | ".join(fmt(list(acc(runs, k).values())) for k in SETTINGS) + f" | {beats} |")
+        lines.append(
+            f"| {cell.label} | {len(runs)} | {mean([r['steps'] for r in runs.values()]):.0f} | "
+            f"{mean([r['train_seconds'] for r in runs.values()]):.0f} | "
+            + " | ".join(fmt(list(acc(runs, k).values())) for k in SETTINGS)
+            + f" | {beats} |"
+        )
     if baseline:
-        lines.append(f"| random init (same seeds) | {len(baseline)} | 0 | 0 | "
-                     + " | ".join(fmt(list(acc(baseline, k, 'random_init').values())) for k in SETTINGS)
-                     + " | no |")
-    lines += ["", f"UMTRA's published accuracies ({' / '.join(str(UMTRA[k]) for k in SETTINGS)}, not run here) "
-              "are the bar of the last column.", ""]
+        lines.append(
+            f"| random init (same seeds) | {len(baseline)} | 0 | 0 | "
+            + " | ".join(fmt(list(acc(baseline, k, "random_init").values())) for k in SETTINGS)
+            + " | no |"
+        )
+    lines += [
+        "",
+        f"UMTRA's published accuracies ({' / '.join(str(UMTRA[k]) for k in SETTINGS)}, not run here) "
+        "are the bar of the last column.",
+        "",
+    ]
 
-    lines += ["## The seed papers' claims at this scale", "",
-              f"5-way 1-shot, paired over seeds; \"~\" holds when the mean difference is within ±{args.margin:g} "
-              "points, \"helps\" when the 95% interval of the difference lies above 0.", "",
-              "| claim | comparison | verdict | difference [95% interval] |", "|---|---|---|---|"]
+    lines += [
+        "## The seed papers' claims at this scale",
+        "",
+        f'5-way 1-shot, paired over seeds; "~" holds when the mean difference is within ±{args.margin:g} '
+        'points, "helps" when the 95% interval of the difference lies above 0.',
+        "",
+        "| claim | comparison | verdict | difference [95% interval] |",
+        "|---|---|---|---|",
+    ]
 
     def row(claim: str, a: Cell, b: Cell, kind: str) -> None:
         if not all_runs.get(a) or not all_runs.get(b):
@@ -352,13 +404,21 @@ def report(args: argparse.Namespace, cells: Sequence[Cell], skipped: dict[Cell, 
     label = "training steps" if args.steps else "training seconds" if args.seconds else "training CPU seconds"
     fractions = ", ".join(f"{f:g}" for f in sorted({*args.budgets, 1.0}))
     if plot(png, out, heads, args.seeds, sorted({*args.budgets, 1.0}), label):
-        how = (f"at {fractions} of the budget, each point its own run (cosine schedule over that budget)"
-               if args.budgets else "during its run (500 episodes per point, the last point is the final "
-               f"{args.episodes}-episode evaluation)")
-        lines += ["## Accuracy against budget", "",
-                  f"Base configuration of each head (no rotation, no variant), 5-way 1-shot {how}.", "",
-                  f"![5-way 1-shot accuracy against the budget]({png.name})", ""]
-    missing = [(c, why) for c, why in skipped.items()]
+        how = (
+            f"at {fractions} of the budget, each point its own run (cosine schedule over that budget)"
+            if args.budgets
+            else "during its run (500 episodes per point, the last point is the final "
+            f"{args.episodes}-episode evaluation)"
+        )
+        lines += [
+            "## Accuracy against budget",
+            "",
+            f"Base configuration of each head (no rotation, no variant), 5-way 1-shot {how}.",
+            "",
+            f"![5-way 1-shot accuracy against the budget]({png.name})",
+            "",
+        ]
+    missing = list(skipped.items())
     incomplete = [c for c in cells if c not in skipped and len(all_runs.get(c, {})) < len(args.seeds)]
     if missing or incomplete:
         lines += ["## Not run", ""]
@@ -387,10 +447,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--rotation", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--rotation-override", default=ROTATION, help="the override that turns task rotation on")
-    ap.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.5],
-                    help="extra budget fractions for the base configuration of every head (the plot)")
-    ap.add_argument("--curve", type=int, default=0,
-                    help="base runs evaluate 5-way 1-shot at this many points of their budget (the plot)")
+    ap.add_argument(
+        "--budgets",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5],
+        help="extra budget fractions for the base configuration of every head (the plot)",
+    )
+    ap.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        help="base runs evaluate 5-way 1-shot at this many points of their budget (the plot)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each on cores / jobs threads)")
     ap.add_argument("--episodes", type=int, default=2000)
     ap.add_argument("--margin", type=float, default=1.0, help="points within which two heads count as similar")
@@ -431,10 +500,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         (out / "skipped.json").write_text(json.dumps({c.tag: why for c, why in skipped.items()}, indent=1))
     # seed by seed; within a seed the base cells (no variant) first, so a grid cut short still has
     # the most seeds where the head and rotation claims are decided
-    todo = [(c, s, 1.0) for s in args.seeds for c in sorted(cells, key=lambda c: c.variant != "none")
-            if c not in skipped]
-    todo += [(Cell(h, False, "none"), s, f) for f in sorted(set(args.budgets) - {1.0}) for s in args.seeds
-             for h in args.heads if Cell(h, False, "none") not in skipped]
+    todo = [
+        (c, s, 1.0) for s in args.seeds for c in sorted(cells, key=lambda c: c.variant != "none") if c not in skipped
+    ]
+    todo += [
+        (Cell(h, False, "none"), s, f)
+        for f in sorted(set(args.budgets) - {1.0})
+        for s in args.seeds
+        for h in args.heads
+        if Cell(h, False, "none") not in skipped
+    ]
     todo = [t for t in todo if not (run_dir(out, *t) / "result.json").exists()]
     print(f"[ablate] {len(todo)} runs to make", flush=True)
     if args.dry_run:

@@ -56,7 +56,7 @@ def main() -> None:
 
         def run_pil() -> None:
             for i in range(0, n, args.batch):
-                torch.stack([per_image(im) for im in pil_images[i:i + args.batch]])
+                torch.stack([per_image(im) for im in pil_images[i : i + args.batch]])
 
         def run_batched() -> None:
             for xb in batches:
@@ -75,8 +75,9 @@ def main() -> None:
         rows.append((size, pil_ips, bat_ips))
 
     threads = torch.get_num_threads()
-    print(f"SimCLR CIFAR recipe (s=0.5, no blur), batch {args.batch}, torch threads {threads}, "
-          f"batched path on {device}")
+    print(
+        f"SimCLR CIFAR recipe (s=0.5, no blur), batch {args.batch}, torch threads {threads}, batched path on {device}"
+    )
     print(f"{'size':>7} | {'per-image PIL img/s':>20} | {'batched img/s':>14} | {'ratio':>6}")
     print(f"{'-' * 7}-+-{'-' * 20}-+-{'-' * 14}-+-{'-' * 6}")
     for size, pil_ips, bat_ips in rows:

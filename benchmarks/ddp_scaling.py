@@ -42,17 +42,24 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     from episodic import distributed
     from episodic.cli import compose_config
     from episodic.engine import Trainer
 
     if args["device"] == "cpu":
         torch.set_num_threads(max(1, args["threads"] // world))
-    overrides = [*args["overrides"], f"batch_size={args['per_process_batch'] * world}",
-                 f"device={args['device']}", f"precision={args['precision']}", "train.progress=false",
-                 "eval.knn_every=0", "resume=null"]
+    overrides = [
+        *args["overrides"],
+        f"batch_size={args['per_process_batch'] * world}",
+        f"device={args['device']}",
+        f"precision={args['precision']}",
+        "train.progress=false",
+        "eval.knn_every=0",
+        "resume=null",
+    ]
     cfg = compose_config("train", overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir)
@@ -77,8 +84,16 @@ def _worker(rank: int, world: int, port: int, args: dict[str, Any], out: str) ->
         if rank == 0:
             global_batch = args["per_process_batch"] * world
             ips = global_batch * args["steps"] / statistics.median(times)
-            Path(out).write_text(json.dumps({"processes": world, "global_batch": global_batch,
-                                             "images_per_s": ips, "scope": trainer.scope.describe()}))
+            Path(out).write_text(
+                json.dumps(
+                    {
+                        "processes": world,
+                        "global_batch": global_batch,
+                        "images_per_s": ips,
+                        "scope": trainer.scope.describe(),
+                    }
+                )
+            )
     distributed.cleanup()
 
 
@@ -92,14 +107,18 @@ def measure(world: int, args: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--procs", type=int, nargs="+", default=None,
-                    help="process counts (default: 1 2 on CPU; 1, 2, 4, .. up to every visible GPU)")
+    ap.add_argument(
+        "--procs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="process counts (default: 1 2 on CPU; 1, 2, 4, .. up to every visible GPU)",
+    )
     ap.add_argument("--per-process-batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="CPU threads shared by the processes")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the processes")
     ap.add_argument("--precision", default="32", help="32 | bf16 | fp16 (CUDA)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml, after --")
     a = ap.parse_args()
@@ -112,18 +131,30 @@ def main() -> None:
             raise SystemExit(f"error: --procs {max(procs)} but only {n} GPU(s) are visible")
     else:
         procs = a.procs or [1, 2]
-    args = dict(device=a.device, per_process_batch=a.per_process_batch, steps=a.steps, warmup=a.warmup,
-                repeats=a.repeats, threads=a.threads, precision=a.precision, overrides=a.overrides)
+    args = dict(
+        device=a.device,
+        per_process_batch=a.per_process_batch,
+        steps=a.steps,
+        warmup=a.warmup,
+        repeats=a.repeats,
+        threads=a.threads,
+        precision=a.precision,
+        overrides=a.overrides,
+    )
     rows = [measure(w, args) for w in procs]
     base = rows[0]["images_per_s"] / rows[0]["processes"]
     where = f"{a.device}, {a.threads} threads" if a.device == "cpu" else torch.cuda.get_device_name(0)
-    print(f"DDP weak scaling on {where}; {a.per_process_batch} images per process per step; "
-          f"overrides: {' '.join(a.overrides) or '(defaults)'}")
+    print(
+        f"DDP weak scaling on {where}; {a.per_process_batch} images per process per step; "
+        f"overrides: {' '.join(a.overrides) or '(defaults)'}"
+    )
     print(f"{'processes':>9} {'global batch':>12} {'images/s':>10} {'per process':>11} {'efficiency':>10}")
     for r in rows:
         eff = r["images_per_s"] / (base * r["processes"])
-        print(f"{r['processes']:>9} {r['global_batch']:>12} {r['images_per_s']:>10.1f} "
-              f"{r['images_per_s'] / r['processes']:>11.1f} {eff:>10.2f}")
+        print(
+            f"{r['processes']:>9} {r['global_batch']:>12} {r['images_per_s']:>10.1f} "
+            f"{r['images_per_s'] / r['processes']:>11.1f} {eff:>10.2f}"
+        )
     print(rows[-1]["scope"])
 
 

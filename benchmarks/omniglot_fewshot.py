@@ -37,8 +37,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -51,9 +52,11 @@ from episodic.errors import check
 DEFAULTS = ["data=omniglot", "backbone=conv4", "train.progress=false"]
 SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
 UMTRA = {"5way1shot": 83.8, "5way5shot": 95.4, "20way1shot": 74.3, "20way5shot": 92.1}
-ROW_HEADER = ("| run | overrides | steps | train s | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot "
-              "| 20-way 5-shot |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|")
+ROW_HEADER = (
+    "| run | overrides | steps | train s | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot "
+    "| 20-way 5-shot |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def key(way: int, shot: int) -> str:
@@ -68,9 +71,17 @@ def compose(overrides: Sequence[str]) -> DictConfig:
 
 # ------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(backbone: nn.Module, cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor,
-             device: torch.device, episodes: int, seed: int = 0,
-             settings: Sequence[tuple[int, int]] = SETTINGS, queries: int = 15) -> dict[str, dict[str, float]]:
+def evaluate(
+    backbone: nn.Module,
+    cfg: DictConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    episodes: int,
+    seed: int = 0,
+    settings: Sequence[tuple[int, int]] = SETTINGS,
+    queries: int = 15,
+) -> dict[str, dict[str, float]]:
     """Few-shot accuracy (%) of a frozen ``backbone``: ProtoNet (cosine) over seeded episodes."""
     from episodic.eval.features import extract_features
     from episodic.eval.fewshot import fewshot_accuracy
@@ -86,15 +97,23 @@ def evaluate(backbone: nn.Module, cfg: DictConfig, images: torch.Tensor, labels:
     return out
 
 
-def random_init_result(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                       episodes: int, cache_dir: Path) -> dict[str, Any]:
+def random_init_result(
+    cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device, episodes: int, cache_dir: Path
+) -> dict[str, Any]:
     """The random-init encoder's accuracies, computed once per (backbone, data, seed, episodes) and cached."""
     from episodic.model import build_model
 
-    ident = json.dumps({"backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-                        "data": OmegaConf.to_container(cfg.data.params, resolve=True),
-                        "channels": cfg.data.channels, "seed": cfg.seed, "episodes": episodes,
-                        "n": len(labels)}, sort_keys=True)
+    ident = json.dumps(
+        {
+            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+            "data": OmegaConf.to_container(cfg.data.params, resolve=True),
+            "channels": cfg.data.channels,
+            "seed": cfg.seed,
+            "episodes": episodes,
+            "n": len(labels),
+        },
+        sort_keys=True,
+    )
     path = cache_dir / f"random_init_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.json"
     if path.exists():
         return json.loads(path.read_text())["fewshot"]
@@ -111,10 +130,18 @@ def random_init_result(cfg: DictConfig, images: torch.Tensor, labels: torch.Tens
 class Budget:
     """Progress through a step and/or wall-clock budget, and the LR multiplier that follows it."""
 
-    def __init__(self, steps: int | None, seconds: float | None, warmup: int, final_ratio: float,
-                 cpu_seconds: float | None = None) -> None:
-        check(steps is not None or seconds is not None or cpu_seconds is not None,
-              "give a budget: --steps N, --seconds S and/or --cpu-seconds C")
+    def __init__(
+        self,
+        steps: int | None,
+        seconds: float | None,
+        warmup: int,
+        final_ratio: float,
+        cpu_seconds: float | None = None,
+    ) -> None:
+        check(
+            steps is not None or seconds is not None or cpu_seconds is not None,
+            "give a budget: --steps N, --seconds S and/or --cpu-seconds C",
+        )
         check(steps is None or steps >= 1, f"--steps {steps} is not allowed; use an integer >= 1")
         check(seconds is None or seconds > 0, f"--seconds {seconds} is not allowed; use a value > 0")
         check(cpu_seconds is None or cpu_seconds > 0, f"--cpu-seconds {cpu_seconds} is not allowed; use a value > 0")
@@ -172,10 +199,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(cfg, out)
     test = trainer.data.test
     sched = OmegaConf.to_container(cfg.optim.schedule, resolve=True)
-    check(sched.get("schedule", "cosine") == "cosine", "this benchmark drives a warm-up + cosine schedule; "
-          f"got optim.schedule.schedule={sched.get('schedule')!r}")
-    budget = Budget(args.steps, args.seconds, sched.get("warmup_steps", 0), sched.get("final_ratio", 0.0),
-                    args.cpu_seconds)
+    check(
+        sched.get("schedule", "cosine") == "cosine",
+        f"this benchmark drives a warm-up + cosine schedule; got optim.schedule.schedule={sched.get('schedule')!r}",
+    )
+    budget = Budget(
+        args.steps, args.seconds, sched.get("warmup_steps", 0), sched.get("final_ratio", 0.0), args.cpu_seconds
+    )
     trainer.scheduler = LambdaLR(trainer.optimizer, budget.lr_factor)
     setup_seconds = time.perf_counter() - t_setup
 
@@ -200,17 +230,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         budget.elapsed += time.perf_counter() - t0
         budget.cpu += time.process_time() - c0
         if trainer.step % cfg.train.log_every == 0 or budget.done(trainer.step):
-            history.append({"step": trainer.step, "seconds": round(budget.elapsed, 2),
-                            "cpu_seconds": round(budget.cpu, 2), "loss": float(stats.loss),
-                            "acc": float(stats.acc), "lr": trainer.optimizer.param_groups[0]["lr"]})
+            history.append(
+                {
+                    "step": trainer.step,
+                    "seconds": round(budget.elapsed, 2),
+                    "cpu_seconds": round(budget.cpu, 2),
+                    "loss": float(stats.loss),
+                    "acc": float(stats.acc),
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                }
+            )
             if args.verbose:
                 print(json.dumps(history[-1]), flush=True)
         while curve_at and budget.progress(trainer.step) >= curve_at[0] and not budget.done(trainer.step):
             curve_at.pop(0)
-            r = evaluate(backbone, cfg, test.images, test.labels, trainer.device, args.curve_episodes,
-                         settings=[(5, 1)])
-            curve.append({"step": trainer.step, "seconds": round(budget.elapsed, 2),
-                          "5way1shot": r["5way1shot"]})
+            r = evaluate(
+                backbone, cfg, test.images, test.labels, trainer.device, args.curve_episodes, settings=[(5, 1)]
+            )
+            curve.append({"step": trainer.step, "seconds": round(budget.elapsed, 2), "5way1shot": r["5way1shot"]})
             if args.verbose:
                 print(json.dumps(curve[-1]), flush=True)
     trainer.save("last.pt")
@@ -218,8 +255,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_eval = time.perf_counter()
     trained = evaluate(backbone, cfg, test.images, test.labels, trainer.device, args.episodes)
     curve.append({"step": trainer.step, "seconds": round(budget.elapsed, 2), "5way1shot": trained["5way1shot"]})
-    baseline = random_init_result(cfg, test.images, test.labels, trainer.device, args.episodes,
-                                  Path(args.random_init_cache))
+    baseline = random_init_result(
+        cfg, test.images, test.labels, trainer.device, args.episodes, Path(args.random_init_cache)
+    )
     result = {
         "name": args.name or out.name,
         "overrides": list(args.overrides),
@@ -232,8 +270,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_seconds": round(time.perf_counter() - t_eval, 2),
         "images_per_s": round(trainer.step * cfg.batch_size / max(budget.elapsed, 1e-9), 1),
         "torch_threads": torch.get_num_threads(),
-        "eval": {"split": cfg.data.params.eval_split, "episodes": args.episodes, "queries": 15,
-                 "classes": int(test.labels.unique().numel()), "head": "protonet (cosine)"},
+        "eval": {
+            "split": cfg.data.params.eval_split,
+            "episodes": args.episodes,
+            "queries": 15,
+            "classes": int(test.labels.unique().numel()),
+            "head": "protonet (cosine)",
+        },
         "fewshot": trained,
         "random_init": baseline,
         "curve": curve,
@@ -265,8 +308,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="step budget")
     ap.add_argument("--seconds", type=float, default=None, help="wall-clock budget of the training steps")
-    ap.add_argument("--cpu-seconds", type=float, default=None,
-                    help="process CPU-time budget of the training steps (all threads; steadier when shared)")
+    ap.add_argument(
+        "--cpu-seconds",
+        type=float,
+        default=None,
+        help="process CPU-time budget of the training steps (all threads; steadier when shared)",
+    )
     ap.add_argument("--out", default=None, help="output folder (default runs/omniglot/<time>)")
     ap.add_argument("--name", default=None, help="row name (default: the output folder's name)")
     ap.add_argument("--episodes", type=int, default=2000, help="test episodes per setting")
@@ -288,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run_or_fail(lambda: run(args))
     except KeyboardInterrupt:
-        raise SystemExit(130)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

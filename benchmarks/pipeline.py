@@ -26,9 +26,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -63,8 +63,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.chdir(ROOT)  # configs/data/cifar10_npz.yaml reads ../shared/data relative to the project root
-    overrides = ["data=cifar10_npz", "backbone=conv4", "batch_size=256", "device=cpu", "train.progress=false",
-                 *args.overrides]
+    overrides = [
+        "data=cifar10_npz",
+        "backbone=conv4",
+        "batch_size=256",
+        "device=cpu",
+        "train.progress=false",
+        *args.overrides,
+    ]
     cfg = compose(overrides)
     run_dir = tempfile.mkdtemp()
     pipe, pre = Trainer(cfg, run_dir), Trainer(cfg, run_dir)
@@ -74,12 +80,15 @@ def main() -> None:
     views = []
     for _ in range(n):
         b = next(loader)
-        views.append(b if b.dim() == 5 else multi_view(pre.augment, b.to(pre.device), pre.model.sampler.n_views,
-                                                        pre.generator))
-    print(f"config: data={cfg.data.name} backbone={cfg.backbone.name} batch={cfg.batch_size} "
-          f"views={pre.model.sampler.n_views} head={cfg.head.name} task.augment={list(cfg.task.augment)} "
-          f"loader.augment={cfg.loader.augment} workers={cfg.loader.workers} device={pipe.device} "
-          f"torch threads={torch.get_num_threads()}")
+        views.append(
+            b if b.dim() == 5 else multi_view(pre.augment, b.to(pre.device), pre.model.sampler.n_views, pre.generator)
+        )
+    print(
+        f"config: data={cfg.data.name} backbone={cfg.backbone.name} batch={cfg.batch_size} "
+        f"views={pre.model.sampler.n_views} head={cfg.head.name} task.augment={list(cfg.task.augment)} "
+        f"loader.augment={cfg.loader.augment} workers={cfg.loader.workers} device={pipe.device} "
+        f"torch threads={torch.get_num_threads()}"
+    )
     batches = iter(pipe.make_loader(0))
 
     def pipeline_step() -> None:  # the code path of Trainer.fit: next batch from the loader, then a step
@@ -97,8 +106,10 @@ def main() -> None:
     images = args.steps * int(cfg.batch_size)
     for what, t in [("wall clock", wall), ("CPU time of this process", cpu)]:
         a, b = images / t["pipeline"], images / t["pre"]
-        print(f"{args.steps} steps ({what}): pipeline {a:.1f} img/s, pre-augmented {b:.1f} img/s, "
-              f"ratio {a / b:.3f} ({'within' if a >= 0.9 * b else 'NOT within'} 10%)")
+        print(
+            f"{args.steps} steps ({what}): pipeline {a:.1f} img/s, pre-augmented {b:.1f} img/s, "
+            f"ratio {a / b:.3f} ({'within' if a >= 0.9 * b else 'NOT within'} 10%)"
+        )
     if cfg.loader.workers:
         print("note: with loader workers, their CPU time is not in this process's CPU time; compare wall clock")
 

@@ -24,7 +24,7 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,8 @@ def ovr_qpth_scores(support: Tensor, labels: Tensor, query: Tensor, n_way: int, 
     h = torch.cat([torch.full((n,), C, dtype=x.dtype), torch.zeros(n, dtype=x.dtype)])
     p = -torch.ones(n_way, n, dtype=x.dtype)
     a = QPFunction(verbose=-1, maxIter=15, check_Q_spd=False)(
-        q_mat, p, g, h, signs[:, None, :], torch.zeros(n_way, 1, dtype=x.dtype))
+        q_mat, p, g, h, signs[:, None, :], torch.zeros(n_way, 1, dtype=x.dtype)
+    )
     return ((q @ x.T) @ (a * signs).T)[None]  # [1, Nq, k]
 
 
@@ -75,8 +76,9 @@ def time_runs(fn: Callable[[], Tensor], repeats: int, budget: float) -> tuple[fl
     return statistics.median(times), len(times), out
 
 
-def head_step(head: Callable[..., Tensor], support: Tensor, labels: Tensor, query: Tensor,
-              n_way: int) -> Callable[[], Tensor]:
+def head_step(
+    head: Callable[..., Tensor], support: Tensor, labels: Tensor, query: Tensor, n_way: int
+) -> Callable[[], Tensor]:
     """A closure: logits, cross-entropy against the query labels, backward; returns the logits."""
     query_labels = torch.arange(n_way).repeat(query.shape[1] // n_way)
 
@@ -90,8 +92,9 @@ def head_step(head: Callable[..., Tensor], support: Tensor, labels: Tensor, quer
     return run
 
 
-def measure(backend: str, support: Tensor, labels: Tensor, query: Tensor, n_way: int, C: float,
-            repeats: int, budget: float) -> tuple[float, int, Tensor, str, str]:
+def measure(
+    backend: str, support: Tensor, labels: Tensor, query: Tensor, n_way: int, C: float, repeats: int, budget: float
+) -> tuple[float, int, Tensor, str, str]:
     """Median seconds, timed runs, logits, and (fast only) FISTA iterations and KKT residual."""
     if backend == "qpth-ovr":
         fn = head_step(lambda s, y, q, k: ovr_qpth_scores(s, y, q, k, C), support, labels, query, n_way)
@@ -122,14 +125,20 @@ def main() -> None:
     torch.manual_seed(0)
     backends = args.backends.split(",")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"SVM head, Crammer-Singer dual, C={args.C}, d={args.dim}, n_supp={args.n_supp}, "
-          f"1 query per class; torch {torch.__version__}, {args.threads} threads, load average {load}")
-    print("seconds: forward+backward of one episode, median of the timed runs after a warm-up run\n"
-          "iters, kkt: fast's FISTA iterations and KKT residual (tol 1e-7)\n"
-          "dev: max |logit - cvxpylayers logit| (no ref: cvxpylayers skipped at this size)\n"
-          "conv4 s: conv4 forward+backward on the n_way*n_supp 32x32 images; ratio: seconds / conv4 s")
-    header = (f"{'n_way':>5} {'backend':<12} {'seconds':>9} {'runs':>4} {'iters':>5} {'kkt':>6} {'dev':>9} "
-              f"{'conv4 s':>8} {'ratio':>7}")
+    print(
+        f"SVM head, Crammer-Singer dual, C={args.C}, d={args.dim}, n_supp={args.n_supp}, "
+        f"1 query per class; torch {torch.__version__}, {args.threads} threads, load average {load}"
+    )
+    print(
+        "seconds: forward+backward of one episode, median of the timed runs after a warm-up run\n"
+        "iters, kkt: fast's FISTA iterations and KKT residual (tol 1e-7)\n"
+        "dev: max |logit - cvxpylayers logit| (no ref: cvxpylayers skipped at this size)\n"
+        "conv4 s: conv4 forward+backward on the n_way*n_supp 32x32 images; ratio: seconds / conv4 s"
+    )
+    header = (
+        f"{'n_way':>5} {'backend':<12} {'seconds':>9} {'runs':>4} {'iters':>5} {'kkt':>6} {'dev':>9} "
+        f"{'conv4 s':>8} {'ratio':>7}"
+    )
     print(header)
     print("-" * len(header))
     last: dict[str, tuple[int, float]] = {}  # backend -> (n_way, seconds) of its last measurement
@@ -158,11 +167,14 @@ def main() -> None:
                 prev_n, prev_s = last[backend]
                 predicted = prev_s * (n_way / prev_n) ** GROWTH[backend]
                 if predicted > args.budget:
-                    rows[backend] = (f"{prefix} {'skipped':>9}   (~{predicted:,.0f} s predicted from "
-                                     f"{prev_s:.2f} s at {prev_n}-way > budget {args.budget:.0f} s)")
+                    rows[backend] = (
+                        f"{prefix} {'skipped':>9}   (~{predicted:,.0f} s predicted from "
+                        f"{prev_s:.2f} s at {prev_n}-way > budget {args.budget:.0f} s)"
+                    )
                     continue
-            seconds, runs, logits, iters, kkt = measure(backend, support, labels, query, n_way, args.C,
-                                                        args.repeats, args.budget)
+            seconds, runs, logits, iters, kkt = measure(
+                backend, support, labels, query, n_way, args.C, args.repeats, args.budget
+            )
             last[backend] = (n_way, seconds)
             if backend == "cvxpylayers":
                 reference = logits
@@ -170,8 +182,10 @@ def main() -> None:
                 dev = "other QP"
             else:
                 dev = "no ref" if reference is None else f"{float((logits - reference).abs().max()):.1e}"
-            rows[backend] = (f"{prefix} {seconds:>9.3f} {runs:>4} {iters:>5} {kkt:>6} {dev:>9} "
-                             f"{conv_s:>8.3f} {seconds / conv_s:>7.2f}")
+            rows[backend] = (
+                f"{prefix} {seconds:>9.3f} {runs:>4} {iters:>5} {kkt:>6} {dev:>9} "
+                f"{conv_s:>8.3f} {seconds / conv_s:>7.2f}"
+            )
         for backend in backends:
             print(rows[backend], flush=True)
         if "fast" in last and last["fast"][0] == n_way:

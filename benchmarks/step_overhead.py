@@ -25,21 +25,33 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 
-
-def make_trainer(head: str, backbone: str, batch: int, channels: int, size: int, tmp: str,
-                 extra: Sequence[str], device: str = "cpu") -> Any:
+def make_trainer(
+    head: str, backbone: str, batch: int, channels: int, size: int, tmp: str, extra: Sequence[str], device: str = "cpu"
+) -> Any:
     from episodic.cli import compose_config
     from episodic.engine import Trainer
 
-    overrides = [f"head={head}", f"backbone={backbone}", "data=digits", f"data.channels={channels}",
-                 f"data.augment.size={size}", f"batch_size={batch}", "n_supp=1", "n_query=1", "train.steps=100000",
-                 "train.progress=false", f"device={device}", *extra]
+    overrides = [
+        f"head={head}",
+        f"backbone={backbone}",
+        "data=digits",
+        f"data.channels={channels}",
+        f"data.augment.size={size}",
+        f"batch_size={batch}",
+        "n_supp=1",
+        "n_query=1",
+        "train.steps=100000",
+        "train.progress=false",
+        f"device={device}",
+        *extra,
+    ]
     cfg = compose_config("train", overrides)
     return Trainer(cfg, tmp)
 
@@ -85,8 +97,10 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
     views = torch.rand(2, args.batch, args.channels, args.size, args.size, generator=g).to(args.device)
     sync = torch.device(args.device).type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {h: make_trainer(h, backbone, args.batch, args.channels, args.size, tmp, args.extra,
-                                    args.device) for h in heads}
+        trainers = {
+            h: make_trainer(h, backbone, args.batch, args.channels, args.size, tmp, args.extra, args.device)
+            for h in heads
+        }
         bare = bare_step_fn(next(iter(trainers.values())), views)
         steps = {"bare": bare, **{h: (lambda t=t: t.train_step(views)) for h, t in trainers.items()}}
         for _ in range(args.warmup):
@@ -100,12 +114,22 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
     rows = []
     for h in heads:
         per_round = [a / b for a, b in zip(times[h], times["bare"])]
-        rows.append({"backbone": backbone, "head": h, "device": args.device, "batch": args.batch, "views": 2,
-                     "clock": args.clock,
-                     "input": f"{args.channels}x{args.size}x{args.size}", "rounds": args.rounds,
-                     "bare_ms": 1000 * bare_med, "step_ms": 1000 * statistics.median(times[h]),
-                     "ratio": statistics.median(times[h]) / bare_med,
-                     "median_round_ratio": statistics.median(per_round)})
+        rows.append(
+            {
+                "backbone": backbone,
+                "head": h,
+                "device": args.device,
+                "batch": args.batch,
+                "views": 2,
+                "clock": args.clock,
+                "input": f"{args.channels}x{args.size}x{args.size}",
+                "rounds": args.rounds,
+                "bare_ms": 1000 * bare_med,
+                "step_ms": 1000 * statistics.median(times[h]),
+                "ratio": statistics.median(times[h]) / bare_med,
+                "median_round_ratio": statistics.median(per_round),
+            }
+        )
     return rows
 
 
@@ -117,9 +141,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=20, help="timed steps per head (median)")
-    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                    help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, steady on a "
-                         "machine shared with other jobs)")
+    ap.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, steady on a "
+        "machine shared with other jobs)",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (GPU steps are timed to completion)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -135,13 +163,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for bb in args.backbones:
         rows += measure(bb, heads, args)
-    print(f"{args.device}, batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, "
-          f"{args.clock} clock, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median)")
+    print(
+        f"{args.device}, batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, "
+        f"{args.clock} clock, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median)"
+    )
     print(f"{'backbone':<12} {'head':<12} {'bare ms':>9} {'step ms':>9} {'ratio':>7} {'per-round':>9}")
     for r in rows:
         flag = "" if r["head"] == "svm" or r["ratio"] <= 1.05 else "  (> 1.05)"
-        print(f"{r['backbone']:<12} {r['head']:<12} {r['bare_ms']:>9.1f} {r['step_ms']:>9.1f} {r['ratio']:>7.3f} "
-              f"{r['median_round_ratio']:>9.3f}{flag}")
+        print(
+            f"{r['backbone']:<12} {r['head']:<12} {r['bare_ms']:>9.1f} {r['step_ms']:>9.1f} {r['ratio']:>7.3f} "
+            f"{r['median_round_ratio']:>9.3f}{flag}"
+        )
     if missing:
         print(f"not measured (no such head): {', '.join(missing)}")
     if args.json:

@@ -47,9 +47,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise EpisodicError(f"checkpoint '{path}' does not exist; give the path of a .pt file a run wrote")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise EpisodicError(f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}); "
-                            f"use another checkpoint of the run") from None
+    except Exception as e:
+        raise EpisodicError(
+            f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}); use another checkpoint of the run"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise EpisodicError(f"'{path}' is not an episodic checkpoint (expected format {FORMAT})")
     return state
@@ -114,16 +115,20 @@ def prune(folder: Path, keep_last: int | None) -> None:
     if not keep_last:
         return
     numbered = [p for p in list_checkpoints(folder) if p.name != "last.pt"]
-    for p in numbered[int(keep_last):]:
+    for p in numbered[int(keep_last) :]:
         p.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------ random streams
 def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
     """Every random stream of this process: torch (CPU, CUDA), NumPy, Python and the trainer's generator."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": np.random.get_state(), "python": random.getstate(), "generator": generator.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generator": generator.get_state(),
+    }
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:

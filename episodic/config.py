@@ -22,18 +22,33 @@ the value and what is allowed.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import functools
 import inspect
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from episodic.errors import EpisodicError, check
+
+
+def as_dict(node: Any) -> dict[str, Any]:
+    """A config mapping (or ``None``) as a plain ``dict`` with resolved interpolations."""
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        container = OmegaConf.to_container(node, resolve=True)
+        assert isinstance(container, dict)
+        return {str(k): v for k, v in container.items()}
+    return dict(node)
+
 
 # ------------------------------------------------------------------------------------- generated schemas
 _PRIMITIVE = (int, float, bool, str)
@@ -48,29 +63,29 @@ def schema_type(annotation: Any) -> Any:
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1:
             inner = schema_type(rest[0])
-            return Optional[inner] if len(rest) < len(args) else inner
+            return inner | None if len(rest) < len(args) else inner
         return Any
-    if origin in (list, tuple, typing.Sequence, getattr(__import__("collections.abc").abc, "Sequence")):
+    if origin in (list, tuple, typing.Sequence, collections.abc.Sequence):
         elems = [a for a in args if a is not Ellipsis]
         elem = elems[0] if elems and all(e == elems[0] for e in elems) and elems[0] in _PRIMITIVE else Any
-        return List[elem]  # type: ignore[valid-type]
+        return list[elem]  # type: ignore[valid-type]  # built at run time, for OmegaConf
     if origin is dict:
-        return Dict[str, Any]
+        return dict[str, Any]
     return Any
 
 
 def _default(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
-        return field(default_factory=lambda v=value: list(v))
+        return field(default_factory=functools.partial(list, value))
     if isinstance(value, dict):
-        return field(default_factory=lambda v=value: dict(v))
+        return field(default_factory=functools.partial(dict, value))
     return field(default=value)
 
 
 def signature_schema(fn: Callable[..., Any], name: str, skip: tuple[str, ...] = ()) -> type:
     """A dataclass whose fields are ``fn``'s keyword parameters (a class: its constructor's), minus ``skip``:
     same names, types as OmegaConf can check them, same defaults (none: mandatory, ``???``)."""
-    target = fn.__init__ if isinstance(fn, type) else fn  # type: ignore[misc]
+    target = fn.__init__ if isinstance(fn, type) else fn  # type: ignore[misc]  # a class's constructor
     hints = typing.get_type_hints(target)
     fields = []
     for p in inspect.signature(fn).parameters.values():
@@ -83,8 +98,10 @@ def signature_schema(fn: Callable[..., Any], name: str, skip: tuple[str, ...] = 
 
 def named_node(kind: str, name: str, params: type, **extra: tuple[Any, Any]) -> type:
     """``{name: <name>, params: <params schema>, **extra}``: a component's config node."""
-    fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name)),
-                                          ("params", params, field(default_factory=params))]
+    fields: list[tuple[str, Any, Any]] = [
+        ("name", str, field(default=name)),
+        ("params", params, field(default_factory=params)),
+    ]
     fields += [(k, t, d) for k, (t, d) in extra.items()]
     return dataclasses.make_dataclass(f"{kind}_{name}", fields)
 
@@ -112,8 +129,10 @@ class LoaderConfig:
     prefetch: int = 2  # batches prefetched per worker
 
     def __post_init__(self) -> None:
-        check(self.augment in ("device", "worker", "pil"),
-              f"loader.augment={self.augment!r} is not allowed; use device, worker or pil")
+        check(
+            self.augment in ("device", "worker", "pil"),
+            f"loader.augment={self.augment!r} is not allowed; use device, worker or pil",
+        )
         check(self.workers >= 0, f"loader.workers={self.workers} is not allowed; use an integer >= 0")
         check(self.prefetch >= 1, f"loader.prefetch={self.prefetch} is not allowed; use an integer >= 1")
         self.pin_memory = switch(self.pin_memory, "loader.pin_memory")
@@ -151,12 +170,18 @@ class ScheduleConfig:
     final_ratio: float = 0.0  # cosine: the last step's lr as a share of the base lr
 
     def __post_init__(self) -> None:
-        check(self.schedule in ("cosine", "constant"),
-              f"optim.schedule.schedule={self.schedule!r} is not allowed; use cosine or constant")
-        check(self.warmup_steps >= 0,
-              f"optim.schedule.warmup_steps={self.warmup_steps} is not allowed; use an integer >= 0")
-        check(0.0 <= self.final_ratio <= 1.0,
-              f"optim.schedule.final_ratio={self.final_ratio} is not allowed; use a value in [0, 1]")
+        check(
+            self.schedule in ("cosine", "constant"),
+            f"optim.schedule.schedule={self.schedule!r} is not allowed; use cosine or constant",
+        )
+        check(
+            self.warmup_steps >= 0,
+            f"optim.schedule.warmup_steps={self.warmup_steps} is not allowed; use an integer >= 0",
+        )
+        check(
+            0.0 <= self.final_ratio <= 1.0,
+            f"optim.schedule.final_ratio={self.final_ratio} is not allowed; use a value in [0, 1]",
+        )
 
 
 @dataclass
@@ -164,15 +189,17 @@ class FewshotQuick:
     """Few-shot episodes of the end-of-run evaluation."""
 
     ways: int = 5
-    shots: List[int] = field(default_factory=lambda: [1, 5])
+    shots: list[int] = field(default_factory=lambda: [1, 5])
     queries: int = 15
     episodes: int = 600
     seed: int = 0
 
     def __post_init__(self) -> None:
         check(self.ways >= 2, f"eval.fewshot.ways={self.ways} is not allowed; use an integer >= 2")
-        check(len(self.shots) > 0 and all(int(s) >= 1 for s in self.shots),
-              f"eval.fewshot.shots={list(self.shots)} is not allowed; use a list of integers >= 1")
+        check(
+            len(self.shots) > 0 and all(int(s) >= 1 for s in self.shots),
+            f"eval.fewshot.shots={list(self.shots)} is not allowed; use a list of integers >= 1",
+        )
         check(self.queries >= 1, f"eval.fewshot.queries={self.queries} is not allowed; use an integer >= 1")
         check(self.episodes >= 2, f"eval.fewshot.episodes={self.episodes} is not allowed; use an integer >= 2")
 
@@ -194,8 +221,9 @@ class QuickEval:
 
     def __post_init__(self) -> None:
         check(self.knn_every >= 0, f"eval.knn_every={self.knn_every} is not allowed; use 0 (off) or an integer >= 1")
-        check(self.knn_unit in ("epochs", "steps"),
-              f"eval.knn_unit={self.knn_unit!r} is not allowed; use epochs or steps")
+        check(
+            self.knn_unit in ("epochs", "steps"), f"eval.knn_unit={self.knn_unit!r} is not allowed; use epochs or steps"
+        )
         check(self.knn_k >= 1, f"eval.knn_k={self.knn_k} is not allowed; use an integer >= 1")
         check(self.knn_t > 0, f"eval.knn_t={self.knn_t} is not allowed; use a value > 0")
         check(self.plot_points >= 2, f"eval.plot_points={self.plot_points} is not allowed; use an integer >= 2")
@@ -210,35 +238,43 @@ class TrainConfig:
     head: Any = MISSING
     method: Any = MISSING
     sampler: Any = MISSING
-    variant: Dict[str, Any] = field(default_factory=dict)  # one key per variant (configs: variant=[a,b])
+    variant: dict[str, Any] = field(default_factory=dict)  # one key per variant (configs: variant=[a,b])
     task: Any = MISSING
     optim: Any = MISSING
     eval: Any = MISSING
     n_supp: int = 1  # views of each image in the support set (shots)
     n_query: int = 1  # views of each image in the query set
-    n_way: Optional[int] = None  # classes per episode; null: the whole batch is one episode
+    n_way: int | None = None  # classes per episode; null: the whole batch is one episode
     batch_size: int = 256  # distinct images per step (global: split over processes and micro-batches)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "32"  # 32 | bf16 | fp16: autocast on CUDA; CPU runs train in float32
     channels_last: bool = True  # NHWC memory format for the backbone
     sync_bn: str = "auto"  # auto: SyncBatchNorm when several CUDA processes train | true | false
-    resume: Optional[str] = None  # null | auto | a checkpoint .pt or a run directory
+    resume: str | None = None  # null | auto | a checkpoint .pt or a run directory
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
         for key in ("n_supp", "n_query"):
             check(getattr(self, key) >= 1, f"{key}={getattr(self, key)} is not allowed; use an integer >= 1")
-        check(self.n_way is None or self.n_way >= 2,
-              f"n_way={self.n_way} is not allowed; use an integer >= 2 or null (the whole batch)")
-        check(self.batch_size >= 2,
-              f"batch_size={self.batch_size} is not allowed; an episode needs at least 2 images (classes)")
+        check(
+            self.n_way is None or self.n_way >= 2,
+            f"n_way={self.n_way} is not allowed; use an integer >= 2 or null (the whole batch)",
+        )
+        check(
+            self.batch_size >= 2,
+            f"batch_size={self.batch_size} is not allowed; an episode needs at least 2 images (classes)",
+        )
         check(self.seed >= 0, f"seed={self.seed} is not allowed; use an integer >= 0")
-        check(DEVICE.fullmatch(self.device) is not None,
-              f"device={self.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps")
-        check(self.precision.lower() in ("32", "fp32", "bf16", "fp16"),
-              f"precision={self.precision!r} is not allowed; use 32, bf16 or fp16")
+        check(
+            DEVICE.fullmatch(self.device) is not None,
+            f"device={self.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps",
+        )
+        check(
+            self.precision.lower() in ("32", "fp32", "bf16", "fp16"),
+            f"precision={self.precision!r} is not allowed; use 32, bf16 or fp16",
+        )
         self.sync_bn = switch(self.sync_bn, "sync_bn")
 
 
@@ -270,41 +306,65 @@ class LinearEval:
     baseline: bool = True
     cache: bool = True  # features computed once, cached under <run dir>/eval_cache
     seed: int = 0
-    optimizer: Optional[str] = None  # lbfgs | sgd
-    aug: Optional[str] = None  # none (cached features) | crop_flip | resized_crop
-    steps: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    momentum: Optional[float] = None
-    weight_decay: Optional[float] = None
-    max_iter: Optional[int] = None  # L-BFGS iterations
-    recipes: Dict[str, Any] = field(default_factory=lambda: dict(LINEAR_RECIPES))
+    optimizer: str | None = None  # lbfgs | sgd
+    aug: str | None = None  # none (cached features) | crop_flip | resized_crop
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    max_iter: int | None = None  # L-BFGS iterations
+    recipes: dict[str, Any] = field(default_factory=lambda: dict(LINEAR_RECIPES))
 
     def __post_init__(self) -> None:
-        check(self.optimizer in (None, "lbfgs", "sgd"),
-              f"eval.optimizer={self.optimizer!r} is not allowed; use lbfgs or sgd")
-        check(self.aug in (None, "none", "crop_flip", "resized_crop"),
-              f"eval.aug={self.aug!r} is not allowed; use none, crop_flip or resized_crop")
+        check(
+            self.optimizer in (None, "lbfgs", "sgd"),
+            f"eval.optimizer={self.optimizer!r} is not allowed; use lbfgs or sgd",
+        )
+        check(
+            self.aug in (None, "none", "crop_flip", "resized_crop"),
+            f"eval.aug={self.aug!r} is not allowed; use none, crop_flip or resized_crop",
+        )
         for key in ("steps", "batch_size", "max_iter"):
             v = getattr(self, key)
             check(v is None or v >= 1, f"eval.{key}={v} is not allowed; use null or an integer >= 1")
         check(self.lr is None or self.lr > 0, f"eval.lr={self.lr} is not allowed; use null or a value > 0")
-        check(self.momentum is None or 0 <= self.momentum < 1,
-              f"eval.momentum={self.momentum} is not allowed; use null or a value in [0, 1)")
-        check(self.weight_decay is None or self.weight_decay >= 0,
-              f"eval.weight_decay={self.weight_decay} is not allowed; use null or a value >= 0")
+        check(
+            self.momentum is None or 0 <= self.momentum < 1,
+            f"eval.momentum={self.momentum} is not allowed; use null or a value in [0, 1)",
+        )
+        check(
+            self.weight_decay is None or self.weight_decay >= 0,
+            f"eval.weight_decay={self.weight_decay} is not allowed; use null or a value >= 0",
+        )
 
 
-_CIFAR_PROBE = {"optimizer": "sgd", "aug": "none", "steps": 80000, "batch_size": 1024, "lr": 0.1, "momentum": 0.9,
-                "weight_decay": 1.0e-4}
+_CIFAR_PROBE = {
+    "optimizer": "sgd",
+    "aug": "none",
+    "steps": 80000,
+    "batch_size": 1024,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1.0e-4,
+}
 LINEAR_RECIPES: dict[str, Any] = {
     # small data (digits, your npz/imagefolder): cached standardised features, L-BFGS
     "default": {"optimizer": "lbfgs", "aug": "none", "weight_decay": 1.0e-4, "max_iter": 500},
     # metacontrastive cifar_eval.yaml: batch 1024, lr 0.1, wd 1e-4, 80,000 steps (it trains on crop_flip views)
-    "cifar10": _CIFAR_PROBE, "cifar10_npz": _CIFAR_PROBE, "cifar100": _CIFAR_PROBE,
+    "cifar10": _CIFAR_PROBE,
+    "cifar10_npz": _CIFAR_PROBE,
+    "cifar100": _CIFAR_PROBE,
     # metacontrastive imagenet_eval.yaml: batch 4096, lr 1.6, wd 0, 28,080 steps (about 90 epochs)
-    "imagenet": {"optimizer": "sgd", "aug": "resized_crop", "steps": 28080, "batch_size": 4096, "lr": 1.6,
-                 "momentum": 0.9, "weight_decay": 0.0},
+    "imagenet": {
+        "optimizer": "sgd",
+        "aug": "resized_crop",
+        "steps": 28080,
+        "batch_size": 4096,
+        "lr": 1.6,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+    },
 }
 
 
@@ -317,10 +377,10 @@ class SemiEval:
     """
 
     protocol: str = "semi"
-    fractions: List[float] = field(default_factory=lambda: [0.01, 0.1])  # share of the labelled train split
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])  # share of the labelled train split
     lr: Any = field(default_factory=lambda: [0.05, 0.1])  # one per fraction, or one value for all
     epochs: Any = field(default_factory=lambda: [56, 112])  # passes over the subset, one per fraction or one
-    steps: Optional[int] = None  # overrides epochs: this many steps for every fraction
+    steps: int | None = None  # overrides epochs: this many steps for every fraction
     batch_size: int = 240
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -333,8 +393,10 @@ class SemiEval:
 
     def __post_init__(self) -> None:
         bad = [f for f in self.fractions if not 0 < float(f) <= 1]
-        check(not bad and len(self.fractions) > 0,
-              f"eval.fractions={list(self.fractions)} is not allowed; use shares in (0, 1], e.g. [0.01, 0.1]")
+        check(
+            not bad and len(self.fractions) > 0,
+            f"eval.fractions={list(self.fractions)} is not allowed; use shares in (0, 1], e.g. [0.01, 0.1]",
+        )
         n = len(self.fractions)
         for key, kind in (("lr", float), ("epochs", float)):
             value = getattr(self, key)
@@ -348,8 +410,10 @@ class SemiEval:
         check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} is not allowed; use an integer >= 1")
         check(0 <= self.momentum < 1, f"eval.momentum={self.momentum} is not allowed; use a value in [0, 1)")
         check(self.weight_decay >= 0, f"eval.weight_decay={self.weight_decay} is not allowed; use a value >= 0")
-        check(self.aug in ("none", "crop_flip", "resized_crop"),
-              f"eval.aug={self.aug!r} is not allowed; use none, crop_flip or resized_crop")
+        check(
+            self.aug in ("none", "crop_flip", "resized_crop"),
+            f"eval.aug={self.aug!r} is not allowed; use none, crop_flip or resized_crop",
+        )
 
 
 @dataclass
@@ -361,10 +425,10 @@ class FewshotEval:
 
     protocol: str = "fewshot"
     split: str = "auto"  # auto: data.fewshot_classes if set, else the test split; or train|test|both|...
-    classes: Optional[List[int]] = None  # only these class indices (auto uses data.fewshot_classes)
-    heads: List[str] = field(default_factory=lambda: ["protonet", "r2d2", "svm", "logreg"])
+    classes: list[int] | None = None  # only these class indices (auto uses data.fewshot_classes)
+    heads: list[str] = field(default_factory=lambda: ["protonet", "r2d2", "svm", "logreg"])
     ways: int = 5
-    shots: List[int] = field(default_factory=lambda: [1, 5])
+    shots: list[int] = field(default_factory=lambda: [1, 5])
     queries: int = 15  # per class
     episodes: int = 1000  # 600-2,000 in the literature (MetaOptNet: 1,000)
     seed: int = 0
@@ -372,16 +436,21 @@ class FewshotEval:
     baseline: bool = True
     cache: bool = True
     # heads on frozen features: no learnable scale (accuracy ignores logit scaling)
-    head_params: Dict[str, Any] = field(default_factory=lambda: {
-        "protonet": {"temperature": 1.0, "normalize": True, "metric": "euclidean", "learn_scale": False},
-        "r2d2": {"lam": 1.0, "scale": 1.0, "learn_scale": False, "normalize": True},
-        "svm": {"C": 0.1, "normalize": True, "scale": 1.0, "learn_scale": False, "warm_start": False},
-        "logreg": {"C": 1.0, "normalize": True, "max_iter": 100}})
+    head_params: dict[str, Any] = field(
+        default_factory=lambda: {
+            "protonet": {"temperature": 1.0, "normalize": True, "metric": "euclidean", "learn_scale": False},
+            "r2d2": {"lam": 1.0, "scale": 1.0, "learn_scale": False, "normalize": True},
+            "svm": {"C": 0.1, "normalize": True, "scale": 1.0, "learn_scale": False, "warm_start": False},
+            "logreg": {"C": 1.0, "normalize": True, "max_iter": 100},
+        }
+    )
 
     def __post_init__(self) -> None:
         check(self.ways >= 2, f"eval.ways={self.ways} is not allowed; use an integer >= 2")
-        check(len(self.shots) > 0 and all(s >= 1 for s in self.shots),
-              f"eval.shots={list(self.shots)} is not allowed; use a list of integers >= 1")
+        check(
+            len(self.shots) > 0 and all(s >= 1 for s in self.shots),
+            f"eval.shots={list(self.shots)} is not allowed; use a list of integers >= 1",
+        )
         check(self.queries >= 1, f"eval.queries={self.queries} is not allowed; use an integer >= 1")
         check(self.episodes >= 2, f"eval.episodes={self.episodes} is not allowed; use an integer >= 2")
         check(self.chunk >= 1, f"eval.chunk={self.chunk} is not allowed; use an integer >= 1")
@@ -402,8 +471,10 @@ class KnnEval:
 
     def __post_init__(self) -> None:
         ks = list(self.k) if isinstance(self.k, (list, tuple, ListConfig)) else [self.k]
-        check(len(ks) > 0 and all(isinstance(k, int) and k >= 1 for k in ks),
-              f"eval.k={self.k!r} is not allowed; use an integer >= 1 or a list of them")
+        check(
+            len(ks) > 0 and all(isinstance(k, int) and k >= 1 for k in ks),
+            f"eval.k={self.k!r} is not allowed; use an integer >= 1 or a list of them",
+        )
         check(self.temperature > 0, f"eval.temperature={self.temperature} is not allowed; use a value > 0")
 
 
@@ -415,12 +486,14 @@ class EvaluateConfig:
     data: Any = None  # null: the checkpoint's own data config
     backbone: Any = None  # optional check: refuse a checkpoint that holds another backbone
     checkpoint: str = MISSING  # the .pt file of a run
-    results: Optional[str] = None  # results file; null: results.json of the checkpoint's run directory
+    results: str | None = None  # results file; null: results.json of the checkpoint's run directory
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        check(DEVICE.fullmatch(self.device) is not None,
-              f"device={self.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps")
+        check(
+            DEVICE.fullmatch(self.device) is not None,
+            f"device={self.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps",
+        )
 
 
 @dataclass
@@ -439,8 +512,13 @@ class ExportConfig:
         check(self.num_classes >= 1, f"num_classes={self.num_classes} is not allowed; use an integer >= 1")
 
 
-EVAL_PROTOCOLS: dict[str, type] = {"quick": QuickEval, "linear": LinearEval, "semi": SemiEval,
-                                   "fewshot": FewshotEval, "knn": KnnEval}
+EVAL_PROTOCOLS: dict[str, type] = {
+    "quick": QuickEval,
+    "linear": LinearEval,
+    "semi": SemiEval,
+    "fewshot": FewshotEval,
+    "knn": KnnEval,
+}
 ROOTS: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig, "export": ExportConfig}
 
 
@@ -456,9 +534,16 @@ def _components() -> dict[str, tuple[Any, tuple[str, ...]]]:
     from episodic.tasks.augment import TASK_AUGMENTS
     from episodic.tasks.samplers import SAMPLERS
 
-    return {"head": (HEADS, ()), "method": (METHODS, ("encoder",)), "sampler": (SAMPLERS, ("n_supp", "n_query", "n_way")),
-            "variant": (VARIANTS, ("dim",)), "backbone": (BACKBONES, ("in_channels",)),
-            "data": (DATASETS, ()), "optim": (OPTIMIZERS, ("groups", "lr")), "task": (TASK_AUGMENTS, ("ctx",))}
+    return {
+        "head": (HEADS, ()),
+        "method": (METHODS, ("encoder",)),
+        "sampler": (SAMPLERS, ("n_supp", "n_query", "n_way")),
+        "variant": (VARIANTS, ("dim",)),
+        "backbone": (BACKBONES, ("in_channels",)),
+        "data": (DATASETS, ()),
+        "optim": (OPTIMIZERS, ("groups", "lr")),
+        "task": (TASK_AUGMENTS, ("ctx",)),
+    }
 
 
 def params_schema(group: str, name: str) -> type:
@@ -471,8 +556,10 @@ def task_schema() -> type:
     """``task``: the scope, the list of augmentations and one parameter node per registered augmentation."""
     from episodic.tasks.augment import TASK_AUGMENTS
 
-    fields: list[tuple[str, Any, Any]] = [("scope", str, field(default="global")),
-                                          ("augment", List[str], field(default_factory=list))]
+    fields: list[tuple[str, Any, Any]] = [
+        ("scope", str, field(default="global")),
+        ("augment", list[str], field(default_factory=list)),
+    ]
     for name in TASK_AUGMENTS.names():
         schema = params_schema("task", name)
         fields.append((name, schema, field(default_factory=schema)))
@@ -516,22 +603,43 @@ def register() -> None:
         cs.store(group="eval", name=name, node=schema)
     projector = signature_schema(Projector, "projector_params", ("in_dim",))
     for name in comps["backbone"][0].names():
-        cs.store(group="schema/backbone", name=name, node=named_node(
-            "backbone", name, params_schema("backbone", name), projector=(projector, field(default_factory=projector))))
+        cs.store(
+            group="schema/backbone",
+            name=name,
+            node=named_node(
+                "backbone",
+                name,
+                params_schema("backbone", name),
+                projector=(projector, field(default_factory=projector)),
+            ),
+        )
     from episodic.data.augment import AugmentConfig
 
     for name in comps["data"][0].names():
-        cs.store(group="schema/data", name=name, node=named_node(
-            "data", name, params_schema("data", name), channels=(int, field(default=3)),
-            ssl_classes=(Optional[List[int]], field(default=None)),
-            fewshot_classes=(Optional[List[int]], field(default=None)),
-            fewshot_split=(str, field(default="both")),
-            augment=(AugmentConfig, field(default_factory=AugmentConfig))))
+        cs.store(
+            group="schema/data",
+            name=name,
+            node=named_node(
+                "data",
+                name,
+                params_schema("data", name),
+                channels=(int, field(default=3)),
+                ssl_classes=(list[int] | None, field(default=None)),
+                fewshot_classes=(list[int] | None, field(default=None)),
+                fewshot_split=(str, field(default="both")),
+                augment=(AugmentConfig, field(default_factory=AugmentConfig)),
+            ),
+        )
     for name in comps["optim"][0].names():
-        opt = dataclasses.make_dataclass(f"optimizer_{name}", [
-            ("name", str, field(default=name)), ("lr", float, field(default=MISSING)),
-            ("weight_decay", float, field(default=0.0)),
-            *[(f.name, f.type, f) for f in dataclasses.fields(params_schema("optim", name))]])
+        opt = dataclasses.make_dataclass(
+            f"optimizer_{name}",
+            [
+                ("name", str, field(default=name)),
+                ("lr", float, field(default=MISSING)),
+                ("weight_decay", float, field(default=0.0)),
+                *[(f.name, f.type, f) for f in dataclasses.fields(params_schema("optim", name))],
+            ],
+        )
         cs.store(group="schema/optim", name=name, node=OptimConfig(optimizer=opt))
     _REGISTERED = True
 
@@ -548,12 +656,12 @@ def unknown_keys(node: Any, path: str = "") -> None:
         schema = _object_type(node)
         if schema is not None:
             allowed = [f.name for f in dataclasses.fields(schema)]
-            for key in node.keys():
+            for key in node:
                 if key not in allowed:
-                    raise EpisodicError(unknown_key_message(f"{path}{key}", allowed))
-        for key in node.keys():
+                    raise EpisodicError(unknown_key_message(f"{path}{key!s}", allowed))
+        for key in node:
             if not OmegaConf.is_missing(node, key):
-                unknown_keys(node._get_node(key), f"{path}{key}.")
+                unknown_keys(node._get_node(key), f"{path}{key!s}.")
 
 
 def unknown_key_message(key: str, allowed: list[str]) -> str:
@@ -570,7 +678,7 @@ def to_object(cfg: DictConfig) -> Any:
         return OmegaConf.to_object(cfg)
     except EpisodicError:
         raise
-    except Exception as e:  # noqa: BLE001 - OmegaConf wraps the __post_init__ errors it meets
+    except Exception as e:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, EpisodicError):
             raise EpisodicError(str(cause)) from None
@@ -604,8 +712,11 @@ def describe(error: BaseException) -> str:
     m = re.match(r"Invalid value '(.*?)', expected one of \[(.*)\]", first)
     if m and key:
         return f"{key}={m.group(1)!r} is not allowed; use one of {m.group(2)}"
-    if ("is not Optional" in first or "Non optional field cannot be assigned None" in first
-            or "field '" in first and "not Optional" in first) and key:
+    if (
+        "is not Optional" in first
+        or "Non optional field cannot be assigned None" in first
+        or ("field '" in first and "not Optional" in first)
+    ) and key:
         return f"{key}=null is not allowed; give a value"
     m = re.match(r"Key '(.+)' (?:not in|is not in) '?(\w+)'?", first)
     if m and key:
@@ -625,10 +736,26 @@ def _allowed_at(err: Any) -> list[str]:
         return [f.name for f in dataclasses.fields(node)]
     parent = getattr(err, "parent_node", None)
     if isinstance(parent, DictConfig):
-        return [str(k) for k in parent.keys()]
+        return [str(k) for k in parent]
     return []
 
 
-__all__ = ["EVAL_PROTOCOLS", "ROOTS", "EvaluateConfig", "ExportConfig", "LoaderConfig", "LoopConfig", "OptimConfig",
-           "QuickEval", "ScheduleConfig", "TrainConfig", "describe", "params_schema", "register", "signature_schema",
-           "to_object", "unknown_keys", "validate"]
+__all__ = [
+    "EVAL_PROTOCOLS",
+    "ROOTS",
+    "EvaluateConfig",
+    "ExportConfig",
+    "LoaderConfig",
+    "LoopConfig",
+    "OptimConfig",
+    "QuickEval",
+    "ScheduleConfig",
+    "TrainConfig",
+    "describe",
+    "params_schema",
+    "register",
+    "signature_schema",
+    "to_object",
+    "unknown_keys",
+    "validate",
+]

@@ -13,8 +13,7 @@ from episodic.errors import EpisodicError, check
 
 log = logging.getLogger(__name__)
 
-PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "fp32": None, "bf16": torch.bfloat16,
-                                              "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,8 +37,7 @@ def resolve_precision(value: Any, device: torch.device) -> torch.dtype | None:
         log.warning("precision=%s needs a CUDA device; training in float32 on %s", key, device)
         return None
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise EpisodicError(f"precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; "
-                            f"use fp16")
+        raise EpisodicError(f"precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
     return dtype
 
 
@@ -54,9 +52,13 @@ def use_channels_last(model: nn.Module) -> None:
     """NHWC memory format for 4-D weights, and for the input of every backbone (a forward pre-hook)."""
     from episodic.models.backbones import Backbone
 
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.to(memory_format=torch.channels_last)
     for m in model.modules():
         if isinstance(m, Backbone):
             m.register_forward_pre_hook(
-                lambda _m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-                if args and isinstance(args[0], Tensor) and args[0].dim() == 4 else args)
+                lambda _m, args: (
+                    (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+                    if args and isinstance(args[0], Tensor) and args[0].dim() == 4
+                    else args
+                )
+            )

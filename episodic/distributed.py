@@ -24,8 +24,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from episodic.errors import EpisodicError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 _OWNED_GROUP = False  # True when init_from_env created the process group (and cleanup may destroy it)
 
@@ -95,8 +97,10 @@ def _export_submitit_env() -> None:
     try:
         from submitit.helpers import TorchDistributedEnvironment
     except ImportError:
-        raise EpisodicError("a multi-task SLURM job needs submitit to set up torch.distributed; "
-                            "pip install hydra-submitit-launcher (or launch with torchrun)") from None
+        raise EpisodicError(
+            "a multi-task SLURM job needs submitit to set up torch.distributed; "
+            "pip install hydra-submitit-launcher (or launch with torchrun)"
+        ) from None
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
@@ -123,11 +127,14 @@ def init_from_env(device: torch.device) -> DistInfo:
     if device.type == "cuda":
         n_gpu = torch.cuda.device_count()
         if local >= n_gpu:
-            raise EpisodicError(f"LOCAL_RANK={local} but this node has {n_gpu} GPU(s); start at most "
-                                f"{n_gpu} processes per node (torchrun --nproc_per_node={n_gpu})")
+            raise EpisodicError(
+                f"LOCAL_RANK={local} but this node has {n_gpu} GPU(s); start at most "
+                f"{n_gpu} processes per node (torchrun --nproc_per_node={n_gpu})"
+            )
         if device.index is not None and device.index != local:
-            log.warning("device=%s ignored under %d processes: rank %d uses cuda:%d (its LOCAL_RANK)",
-                        device, w, r, local)
+            log.warning(
+                "device=%s ignored under %d processes: rank %d uses cuda:%d (its LOCAL_RANK)", device, w, r, local
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -156,14 +163,14 @@ class _GatherWithGrad(torch.autograd.Function):
     """``[n, ...]`` on every rank -> ``[W, n, ...]``; backward: sum over ranks, own slice back."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x)
         return torch.stack(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()
         if dist.get_backend() == "nccl":
             out = torch.empty_like(grad[0])
@@ -211,8 +218,9 @@ def reduce_metrics(metrics: dict[str, Tensor | float], device: torch.device) -> 
     keys = list(metrics)
     if not keys:
         return {}
-    t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=device).detach().reshape(())
-                     for k in keys])
+    t = torch.stack(
+        [torch.as_tensor(metrics[k], dtype=torch.float32, device=device).detach().reshape(()) for k in keys]
+    )
     t = reduce_mean(t).cpu()
     return {k: float(v) for k, v in zip(keys, t)}
 
@@ -250,7 +258,7 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def convert_sync_batchnorm(model: nn.Module, mode: bool | str, info: DistInfo) -> tuple[nn.Module, bool]:
+def convert_sync_batchnorm(model: M, mode: bool | str, info: DistInfo) -> tuple[M, bool]:
     """Apply the ``sync_bn`` setting: ``auto`` converts BatchNorm to SyncBatchNorm when several
     CUDA processes train; ``true`` requires that; ``false`` keeps per-process statistics.
 
@@ -268,9 +276,13 @@ def convert_sync_batchnorm(model: nn.Module, mode: bool | str, info: DistInfo) -
     if info.device.type != "cuda":
         if mode == "auto":
             return model, False
-        raise EpisodicError("sync_bn=true needs CUDA: SyncBatchNorm does not run on CPU; use sync_bn=auto "
-                            "or false (BatchNorm statistics per process)")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model), True
+        raise EpisodicError(
+            "sync_bn=true needs CUDA: SyncBatchNorm does not run on CPU; use sync_bn=auto "
+            "or false (BatchNorm statistics per process)"
+        )
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model  # converted in place (a bare BatchNorm is never the whole model here)
+    return model, True
 
 
 def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
@@ -288,7 +300,24 @@ def rank_seed(seed: int, rank_: int) -> int:
     return int(seed) + 1_000_003 * int(rank_)
 
 
-__all__ = ["DistInfo", "all_gather_object", "any_rank", "barrier", "broadcast_object", "cleanup",
-           "convert_sync_batchnorm", "enabled", "gather_no_grad", "gather_with_grad", "has_batchnorm",
-           "init_from_env", "is_main", "rank", "rank_seed", "rank_zero_only", "reduce_mean",
-           "reduce_metrics", "world_size"]
+__all__ = [
+    "DistInfo",
+    "all_gather_object",
+    "any_rank",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "convert_sync_batchnorm",
+    "enabled",
+    "gather_no_grad",
+    "gather_with_grad",
+    "has_batchnorm",
+    "init_from_env",
+    "is_main",
+    "rank",
+    "rank_seed",
+    "rank_zero_only",
+    "reduce_mean",
+    "reduce_metrics",
+    "world_size",
+]

@@ -39,11 +39,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from episodic import checkpoint, distributed
+from episodic.config import as_dict, switch
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
 from episodic.data.datasets import ArrayDataset, Splits, build_dataset
 from episodic.data.loader import BatchLoader, epoch_order
 from episodic.device import autocast, resolve_device, resolve_precision, use_channels_last
-from episodic.config import switch
 from episodic.errors import EpisodicError, check
 from episodic.heads.histograms import log_scores
 from episodic.model import EpisodicModel, StepOutput, build_model
@@ -54,32 +54,32 @@ from episodic.tasks.scope import plan_scope
 log = logging.getLogger(__name__)
 
 
-def _params(node: Any) -> dict[str, Any]:
-    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}  # type: ignore[arg-type]
-
-
 def check_config(cfg: DictConfig) -> None:
     """What a run is built from, checked before any data is read (after :func:`episodic.config.validate`):
     the device, the episode layout over ``WORLD_SIZE`` processes, and the model, optimiser and schedule built
     once on the meta device (every component's own checks, a variant against its head, a pairing against
     its head)."""
     protocol = cfg.eval.get("protocol")
-    check(protocol is None, f"eval={protocol} is a protocol of python -m episodic.eval; training evaluates with "
-                            "eval=quick")
+    check(
+        protocol is None,
+        f"eval={protocol} is a protocol of python -m episodic.eval; training evaluates with eval=quick",
+    )
     resolve_device(str(cfg.device))
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     scope = plan_scope(str(cfg.task.scope), cfg.n_way, int(cfg.batch_size), world, 0, int(cfg.optim.accu_iter))
     with torch.device("meta"):
         model = build_model(cfg, scope)
-        optimizer = build_optimizer(model, **_params(cfg.optim.optimizer))
+        optimizer = build_optimizer(model, **as_dict(cfg.optim.optimizer))
         size, channels = int(cfg.data.augment.size), int(cfg.data.channels)
         try:  # shapes only, no arithmetic: a backbone too deep for the views fails here, not at step 1
             model.encoder(torch.empty(2, channels, size, size))
         except RuntimeError as e:
-            raise EpisodicError(f"backbone={cfg.backbone.name} cannot embed {channels}x{size}x{size} views "
-                                f"(data.augment.size={size}, data.channels={channels}): "
-                                f"{str(e).splitlines()[0]}") from None
-    build_scheduler(optimizer, int(cfg.train.steps), **_params(cfg.optim.schedule))
+            raise EpisodicError(
+                f"backbone={cfg.backbone.name} cannot embed {channels}x{size}x{size} views "
+                f"(data.augment.size={size}, data.channels={channels}): "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+    build_scheduler(optimizer, int(cfg.train.steps), **as_dict(cfg.optim.schedule))
 
 
 def ssl_split(data: Splits, cfg: DictConfig) -> ArrayDataset:
@@ -96,8 +96,10 @@ class _NullWriter:
 
 @dataclass
 class StepStats:
-    loss: float
-    acc: float
+    """One optimizer step: the mean loss and query accuracy over its micro-batches (0-d tensors)."""
+
+    loss: Tensor
+    acc: Tensor
 
 
 @dataclass
@@ -117,10 +119,16 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = distributed.init_from_env(resolve_device(cfg.device))  # torchrun/SLURM env, or 1 process
         self.device = self.dist.device
-        self.scope = plan_scope(str(cfg.task.scope), cfg.n_way, int(cfg.batch_size), self.dist.world_size,
-                                self.dist.rank, int(cfg.optim.accu_iter))
+        self.scope = plan_scope(
+            str(cfg.task.scope),
+            cfg.n_way,
+            int(cfg.batch_size),
+            self.dist.world_size,
+            self.dist.rank,
+            int(cfg.optim.accu_iter),
+        )
         self.accu_iter = self.scope.accu_iter  # micro-batches per optimizer step
-        self.data = build_dataset(cfg.data.name, **_params(cfg.data.get("params")))
+        self.data = build_dataset(cfg.data.name, **as_dict(cfg.data.get("params")))
         self.train_set = ssl_split(self.data, cfg)
         self.model: EpisodicModel = build_model(cfg, self.scope).to(self.device)
         self.model, self.sync_bn = distributed.convert_sync_batchnorm(self.model, str(cfg.sync_bn), self.dist)
@@ -131,12 +139,14 @@ class Trainer:
         self.train_model: nn.Module = self.model  # what train_step calls: DDP wrapper under several processes
         if self.dist.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(cfg.train.find_unused_parameters))
-        self.augment = BatchAugment(AugmentConfig(**_params(cfg.data.augment))).to(self.device)
-        self.optimizer = build_optimizer(self.model, **_params(cfg.optim.optimizer))
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(cfg.train.find_unused_parameters),
+            )
+        self.augment = BatchAugment(AugmentConfig(**as_dict(cfg.data.augment))).to(self.device)
+        self.optimizer = build_optimizer(self.model, **as_dict(cfg.optim.optimizer))
         self.steps = int(cfg.train.steps)
-        self.scheduler = build_scheduler(self.optimizer, self.steps, **_params(cfg.optim.schedule))
+        self.scheduler = build_scheduler(self.optimizer, self.steps, **as_dict(cfg.optim.schedule))
         # fp16 needs loss scaling; bf16 and float32 do not (the scaler is then a pass-through)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == torch.float16)
         # CPU generator (BatchAugment draws on the CPU); per-rank seeds, rank 0 keeps cfg.seed
@@ -151,11 +161,18 @@ class Trainer:
         if self.dist.is_main:
             log.info(self.scope.describe())
             if self.accu_iter > 1 and cfg.n_way is None:
-                log.warning("optim.accu_iter=%d with n_way=null: each micro-batch of %d images is one "
-                            "%d-way episode, a different task from the %d-way episode of batch_size=%d; set "
-                            "n_way to a divisor of %d for accumulation equivalent to the larger batch "
-                            "(docs/distributed.md)", self.accu_iter, self.scope.n_way, self.scope.n_way,
-                            cfg.batch_size, cfg.batch_size, self.scope.n_way)
+                log.warning(
+                    "optim.accu_iter=%d with n_way=null: each micro-batch of %d images is one "
+                    "%d-way episode, a different task from the %d-way episode of batch_size=%d; set "
+                    "n_way to a divisor of %d for accumulation equivalent to the larger batch "
+                    "(docs/distributed.md)",
+                    self.accu_iter,
+                    self.scope.n_way,
+                    self.scope.n_way,
+                    cfg.batch_size,
+                    cfg.batch_size,
+                    self.scope.n_way,
+                )
         self.resume(cfg.resume)
 
     # ----------------------------------------------------------------- one step
@@ -182,14 +199,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             if self.dist.is_main:
-                log.warning("non-finite loss at step %d (head %r): update skipped "
-                            "(train.skip_nonfinite=true)", self.step + 1, self.cfg.head.name)
+                log.warning(
+                    "non-finite loss at step %d (head %r): update skipped (train.skip_nonfinite=true)",
+                    self.step + 1,
+                    self.cfg.head.name,
+                )
         self.scheduler.step()
         if finite:
             self.model.method.after_step(self.step, self.steps)
         loss = torch.stack([p.loss for p in parts]).mean()
         acc = torch.stack([p.acc for p in parts]).mean()
-        return StepStats(loss, acc)  # type: ignore[arg-type]
+        return StepStats(loss, acc)
 
     def micro_step(self, images: Tensor, last: bool = True) -> MicroStats:
         """Forward and backward of one micro-batch: uint8 images ``[b, C, H, W]`` (augmented here, on
@@ -197,7 +217,9 @@ class Trainer:
         pre-augmented data). The loss is divided by ``accu_iter`` so accumulated gradients are the mean."""
         x = images.to(self.device, non_blocking=True)
         views = x if x.dim() == 5 else multi_view(self.augment, x, self.model.sampler.n_views, self.generator)
-        sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+        model = self.train_model
+        ddp = nn.parallel.DistributedDataParallel
+        sync = model.no_sync() if isinstance(model, ddp) and not last else contextlib.nullcontext()
         with sync:  # DDP all-reduces gradients only in the last micro-batch's backward
             with autocast(self.precision):
                 out: StepOutput = self.train_model(views, self.generator, self.step, self.steps)
@@ -223,23 +245,34 @@ class Trainer:
             return False
         value = loss.item() if not torch.isfinite(loss) else "on another process"
         ckpt = str(self.last_checkpoint) if self.last_checkpoint is not None else "none written yet"
-        raise EpisodicError(f"non-finite loss ({value}) at step {self.step + 1} with head "
-                            f"{self.cfg.head.name!r}; last good checkpoint: {ckpt}; lower optim.optimizer.lr "
-                            f"and resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such "
-                            f"steps")
+        raise EpisodicError(
+            f"non-finite loss ({value}) at step {self.step + 1} with head "
+            f"{self.cfg.head.name!r}; last good checkpoint: {ckpt}; lower optim.optimizer.lr "
+            f"and resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such "
+            f"steps"
+        )
 
     def make_loader(self, start_step: int = 0) -> BatchLoader:
         """Training batches from ``start_step`` on, per the ``loader`` config (:mod:`episodic.data.loader`)."""
         lc = self.cfg.loader
         pin = switch(lc.pin_memory, "loader.pin_memory")
         n, seed = len(self.train_set), int(self.cfg.seed)
-        return BatchLoader(self.train_set.images, int(self.cfg.batch_size), lambda e: epoch_order(n, seed, e),
-                           mode=str(lc.augment), augment=self.augment.cfg, n_views=self.model.sampler.n_views,
-                           seed=seed, workers=int(lc.workers),
-                           pin_memory=self.device.type == "cuda" if pin == "auto" else pin == "true",
-                           persistent_workers=bool(lc.persistent_workers), prefetch=int(lc.prefetch),
-                           start_step=start_step,
-                           rank=self.dist.rank, world_size=self.dist.world_size)
+        return BatchLoader(
+            self.train_set.images,
+            int(self.cfg.batch_size),
+            lambda e: epoch_order(n, seed, e),
+            mode=str(lc.augment),
+            augment=self.augment.cfg,
+            n_views=self.model.sampler.n_views,
+            seed=seed,
+            workers=int(lc.workers),
+            pin_memory=self.device.type == "cuda" if pin == "auto" else pin == "true",
+            persistent_workers=bool(lc.persistent_workers),
+            prefetch=int(lc.prefetch),
+            start_step=start_step,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -264,8 +297,12 @@ class Trainer:
 
     def data_order(self) -> dict[str, int]:
         """The data order's position: step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch``."""
-        return {"step": self.step, "seed": int(self.cfg.seed), "batch_size": int(self.cfg.batch_size),
-                "n_images": len(self.train_set)}
+        return {
+            "step": self.step,
+            "seed": int(self.cfg.seed),
+            "batch_size": int(self.cfg.batch_size),
+            "n_images": len(self.train_set),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -284,9 +321,12 @@ class Trainer:
             self.generator.manual_seed(seed)
             torch.manual_seed(seed + 1)
             if self.dist.is_main:
-                log.warning("checkpoint written by %s processes, resumed on %d: augmentation RNG streams "
-                            "re-seeded from (seed, rank, step)", len(rngs) if rngs else "?",
-                            self.dist.world_size)
+                log.warning(
+                    "checkpoint written by %s processes, resumed on %d: augmentation RNG streams "
+                    "re-seeded from (seed, rank, step)",
+                    len(rngs) if rngs else "?",
+                    self.dist.world_size,
+                )
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         self.skipped = int(state.get("skipped", 0))
@@ -312,8 +352,9 @@ class Trainer:
         spec = str(spec)
         target = self.run_dir if spec == "auto" else Path(spec).expanduser()
         if spec != "auto" and not target.exists():
-            raise EpisodicError(f"resume={spec!r}: no such file or directory; give a checkpoint (.pt), a run "
-                                f"directory, auto or null")
+            raise EpisodicError(
+                f"resume={spec!r}: no such file or directory; give a checkpoint (.pt), a run directory, auto or null"
+            )
         path: Path | None = target if target.is_file() else None
         state: dict[str, Any] | None = None
         if path is None and self.dist.is_main:
@@ -337,9 +378,11 @@ class Trainer:
         old, new = state.get("data_order") or {}, self.data_order()
         for key in ("seed", "batch_size", "n_images"):
             if key in old and old[key] != new[key]:
-                raise EpisodicError(f"checkpoint '{path}' was written with {key}={old[key]}, this run has "
-                                    f"{new[key]}; resume with the same seed, batch_size and data, or "
-                                    f"resume=null")
+                raise EpisodicError(
+                    f"checkpoint '{path}' was written with {key}={old[key]}, this run has "
+                    f"{new[key]}; resume with the same seed, batch_size and data, or "
+                    f"resume=null"
+                )
 
     # ----------------------------------------------------------------- the loop
     def fit(self, monitors: Sequence[Monitor] = ()) -> None:
@@ -370,11 +413,19 @@ class Trainer:
         cfg = self.cfg
         # only rank 0 writes; on the others the writer swallows every call. purge_step drops the events
         # a killed run logged after the checkpoint this run resumed from
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None) if self.dist.is_main \
+        writer = (
+            SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+            if self.dist.is_main
             else _NullWriter()
+        )
         batches = iter(self.make_loader(self.step))
-        bar = tqdm(total=self.steps, initial=self.step, desc=f"train {cfg.head.name}", dynamic_ncols=True,
-                   disable=not (cfg.train.progress and self.dist.is_main))
+        bar = tqdm(
+            total=self.steps,
+            initial=self.step,
+            desc=f"train {cfg.head.name}",
+            dynamic_ncols=True,
+            disable=not (cfg.train.progress and self.dist.is_main),
+        )
         self.model.train()
         t0, seen, wait = time.perf_counter(), 0, 0.0
         while self.step < self.steps:
@@ -387,9 +438,14 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == self.steps:
                 dt = time.perf_counter() - t0
                 mean = distributed.reduce_metrics({"loss": stats.loss, "acc": stats.acc}, self.device)
-                rec = {"step": self.step, "loss": mean["loss"], "acc": mean["acc"],
-                       "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(dt, 1e-9),
-                       "data_wait": wait / max(dt, 1e-9)}  # share of the time spent waiting for batches
+                rec = {
+                    "step": self.step,
+                    "loss": mean["loss"],
+                    "acc": mean["acc"],
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_s": seen / max(dt, 1e-9),
+                    "data_wait": wait / max(dt, 1e-9),
+                }  # share of the time spent waiting for batches
                 self.history.append(rec)
                 for k, v in rec.items():
                     if k != "step":
@@ -411,8 +467,13 @@ class Trainer:
         if self.stop_requested is not None:
             self.save()
             if self.dist.is_main:
-                log.warning("%s: stopped after step %d of %d, checkpoint %s", self.stop_requested, self.step,
-                            self.steps, self.last_checkpoint)
+                log.warning(
+                    "%s: stopped after step %d of %d, checkpoint %s",
+                    self.stop_requested,
+                    self.step,
+                    self.steps,
+                    self.last_checkpoint,
+                )
         else:
             self.save("last.pt")
         writer.close()

@@ -24,26 +24,28 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from episodic.cli import CONFIG_DIR, run_or_fail, validate_overrides
+from episodic.config import as_dict
 from episodic.errors import check
+from episodic.models.backbones import TorchvisionResNet
 
 TORCHVISION_ARCHS = ("resnet18", "resnet50")
 
 
-def export_state(backbone: torch.nn.Module, name: str, fc: str = "zeros",
-                 num_classes: int = 1000) -> dict[str, Tensor]:
+def export_state(backbone: torch.nn.Module, name: str, fc: str = "zeros", num_classes: int = 1000) -> dict[str, Tensor]:
     """The state dict to write for ``backbone`` (registry name ``name``); see the module docstring."""
     check(fc in ("zeros", "none"), f"fc={fc!r} is not allowed; use zeros or none")
     check(num_classes >= 1, f"num_classes={num_classes} is not allowed; use an integer >= 1")
-    if name in TORCHVISION_ARCHS and hasattr(backbone, "torchvision_state_dict"):
+    if name in TORCHVISION_ARCHS and isinstance(backbone, TorchvisionResNet):
         sd = {k: v.detach().cpu().clone() for k, v in backbone.torchvision_state_dict().items()}
         if fc == "zeros":
-            dim = int(backbone.feat_dim)  # type: ignore[arg-type]
+            dim = int(backbone.feat_dim)
             sd["fc.weight"] = torch.zeros(num_classes, dim, dtype=sd["conv1.weight"].dtype)
             sd["fc.bias"] = torch.zeros(num_classes, dtype=sd["conv1.weight"].dtype)
         return sd
@@ -53,22 +55,23 @@ def export_state(backbone: torch.nn.Module, name: str, fc: str = "zeros",
 def load_instructions(name: str, cfg: DictConfig, sd: dict[str, Tensor], out: Path) -> str:
     """How to load the written file, as the lines printed after the export."""
     if name not in TORCHVISION_ARCHS:
-        params = OmegaConf.to_container(cfg.backbone.get("params") or {}, resolve=True)
-        kw = [f"{k}={v!r}" for k, v in params.items()]  # type: ignore[union-attr]
+        kw = [f"{k}={v!r}" for k, v in as_dict(cfg.backbone.get("params")).items()]
         args = ", ".join([f"in_channels={cfg.data.channels}"] + kw)
         cls = {"conv4": "Conv4", "resnet_tiny": "ResNetTiny"}.get(name, name)
-        return (f"{name} has no torchvision counterpart: wrote the episodic backbone's own state dict. "
-                f"Load it with\n"
-                f"  from episodic.models.backbones import {cls}\n"
-                f"  net = {cls}({args}); net.load_state_dict(torch.load({str(out)!r}))")
-    lines = [f"loads into torchvision.models.{name}() with strict=True:",
-             f"  m = torchvision.models.{name}()"]
+        return (
+            f"{name} has no torchvision counterpart: wrote the episodic backbone's own state dict. "
+            f"Load it with\n"
+            f"  from episodic.models.backbones import {cls}\n"
+            f"  net = {cls}({args}); net.load_state_dict(torch.load({str(out)!r}))"
+        )
+    lines = [f"loads into torchvision.models.{name}() with strict=True:", f"  m = torchvision.models.{name}()"]
     w = sd["conv1.weight"]
     if tuple(w.shape) != (64, 3, 7, 7):
         k = w.shape[-1]
         stride, pad = (1, 1) if k == 3 else (2, 3)
-        lines.append(f"  m.conv1 = torch.nn.Conv2d({w.shape[1]}, 64, {k}, {stride}, {pad}, bias=False)"
-                     f"  # this encoder's stem")
+        lines.append(
+            f"  m.conv1 = torch.nn.Conv2d({w.shape[1]}, 64, {k}, {stride}, {pad}, bias=False)  # this encoder's stem"
+        )
         if bool(cfg.backbone.get("params", {}).get("cifar_stem", False)):
             lines.append("  m.maxpool = torch.nn.Identity()")
     if "fc.weight" not in sd:
@@ -83,8 +86,10 @@ def export(cfg: DictConfig) -> Path:
     """Write the backbone of ``cfg.checkpoint`` to ``cfg.out`` (see the module docstring); the path."""
     from episodic.eval.features import load_encoders
 
-    check(not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
-          "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)")
+    check(
+        not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
+        "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)",
+    )
     check(not OmegaConf.is_missing(cfg, "out") and cfg.out, "out=FILE is required: where to write the state dict")
     enc = load_encoders(cfg.checkpoint, "cpu", cfg.get("backbone"))
     name = enc.backbone_name
@@ -94,10 +99,13 @@ def export(cfg: DictConfig) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     torch.save(sd, tmp)
     os.replace(tmp, out)
-    n_params = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var",
-                                                                        "num_batches_tracked")))
-    print(f"wrote the {name} encoder of '{cfg.checkpoint}' (step {enc.step}, {len(sd)} tensors, "
-          f"{n_params:,} parameters) to {out}")
+    n_params = sum(
+        v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
+    print(
+        f"wrote the {name} encoder of '{cfg.checkpoint}' (step {enc.step}, {len(sd)} tensors, "
+        f"{n_params:,} parameters) to {out}"
+    )
     print(load_instructions(name, enc.config, sd, out))
     return out
 

@@ -20,12 +20,12 @@ same weights, which is how evaluation rebuilds a run's random-init twin.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from episodic.config import as_dict
 from episodic.heads.base import HEADS, Head
 from episodic.heads.variants import attach_variants
 from episodic.methods import METHODS, Method
@@ -56,8 +56,14 @@ class StepOutput:
 class EpisodicModel(nn.Module):
     """An episode sampler, an encoder pairing, a head and task augmentations, over a process layout."""
 
-    def __init__(self, sampler: Sampler, method: Method, head: Head, task: TaskPipeline | None = None,
-                 scope: ScopePlan | None = None) -> None:
+    def __init__(
+        self,
+        sampler: Sampler,
+        method: Method,
+        head: Head,
+        task: TaskPipeline | None = None,
+        scope: ScopePlan | None = None,
+    ) -> None:
         super().__init__()
         method.validate_head(head)
         sampler.validate(method)
@@ -76,8 +82,9 @@ class EpisodicModel(nn.Module):
         """The trained feature extractor (what evaluation and export use)."""
         return self.method.encoder.backbone
 
-    def forward(self, views: Tensor, generator: torch.Generator | None = None, step: int = 0,
-                total_steps: int = 1) -> StepOutput:
+    def forward(
+        self, views: Tensor, generator: torch.Generator | None = None, step: int = 0, total_steps: int = 1
+    ) -> StepOutput:
         """One step's loss on this process's views ``[V, B, ...]``; ``generator`` draws the task
         augmentations, ``step`` of ``total_steps`` schedules their weights."""
         episode = self.sampler(views, self.method)  # classes, support and query examples
@@ -92,28 +99,39 @@ class EpisodicModel(nn.Module):
         return StepOutput(loss, out.logits, scored[0].query_labels, out.extras)
 
 
-def _params(node: Any) -> dict[str, Any]:
-    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}  # type: ignore[arg-type]
-
-
 def build_model(cfg: DictConfig, scope: ScopePlan | None = None) -> EpisodicModel:
     """Sampler, encoder, pairing, head, variants and task augmentations from the config, initialised
     from ``cfg.seed``; ``scope`` is the process layout (default: one process on the whole batch)."""
     if scope is None:
-        scope = plan_scope(str(cfg.task.get("scope", "global")), cfg.n_way, int(cfg.batch_size), 1, 0,
-                           int(cfg.optim.get("accu_iter", 1)))
+        scope = plan_scope(
+            str(cfg.task.get("scope", "global")),
+            cfg.n_way,
+            int(cfg.batch_size),
+            1,
+            0,
+            int(cfg.optim.get("accu_iter", 1)),
+        )
     torch.manual_seed(cfg.seed)
     sampler_cfg = cfg.get("sampler") or {"name": "views"}
-    sampler = SAMPLERS.build(sampler_cfg["name"], n_supp=cfg.n_supp, n_query=cfg.n_query, n_way=scope.sampler_way,
-                             **_params(sampler_cfg.get("params")))
-    encoder = build_encoder(cfg.backbone.name, cfg.data.channels, _params(cfg.backbone.get("params")),
-                            _params(cfg.backbone.get("projector")))
-    method = METHODS.build(cfg.method.name, encoder=encoder, **_params(cfg.method.get("params")))
-    head = HEADS.build(cfg.head.name, **_params(cfg.head.get("params")))
-    attach_variants(head, _params(cfg.get("variant")), method, encoder.projector.out_dim)
-    aug = _params(cfg.data.get("augment"))
+    sampler = SAMPLERS.build(
+        sampler_cfg["name"],
+        n_supp=cfg.n_supp,
+        n_query=cfg.n_query,
+        n_way=scope.sampler_way,
+        **as_dict(sampler_cfg.get("params")),
+    )
+    encoder = build_encoder(
+        cfg.backbone.name,
+        cfg.data.channels,
+        as_dict(cfg.backbone.get("params")),
+        as_dict(cfg.backbone.get("projector")),
+    )
+    method = METHODS.build(cfg.method.name, encoder=encoder, **as_dict(cfg.method.get("params")))
+    head = HEADS.build(cfg.head.name, **as_dict(cfg.head.get("params")))
+    attach_variants(head, as_dict(cfg.get("variant")), method, encoder.projector.out_dim)
+    aug = as_dict(cfg.data.get("augment"))
     ctx = TaskContext(embed_dim=encoder.projector.out_dim, mean=aug.get("mean"), std=aug.get("std"))
-    return EpisodicModel(sampler, method, head, build_task_pipeline(_params(cfg.get("task")), ctx), scope)
+    return EpisodicModel(sampler, method, head, build_task_pipeline(as_dict(cfg.get("task")), ctx), scope)
 
 
 __all__ = ["EpisodicModel", "StepOutput", "build_model"]

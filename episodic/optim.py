@@ -12,7 +12,8 @@ LARS (You et al., 2017, as used by SimCLR): for an adapted tensor ``w`` with gra
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,12 +27,13 @@ from episodic.registry import Registry
 class LARS(Optimizer):
     """SGD with momentum and layer-wise trust ratio; groups with ``lars=False`` are plain SGD."""
 
-    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001) -> None:
+    def __init__(
+        self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001
+    ) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # no closure
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -47,6 +49,7 @@ class LARS(Optimizer):
                 else:
                     state["momentum_buffer"].mul_(group["momentum"]).add_(u)
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return None
 
 
 OPTIMIZERS: Registry = Registry("optimizer", None)
@@ -54,7 +57,8 @@ OPTIMIZERS: Registry = Registry("optimizer", None)
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: >1-D weights (decayed) and 1-D biases/norm parameters (not decayed)."""
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else plain).append(p)
@@ -79,13 +83,13 @@ def check_betas(betas: Any) -> None:
 @OPTIMIZERS.register("adam")
 def adam(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
     check_betas(betas)
-    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
+    return torch.optim.Adam(groups, lr=lr, betas=(float(betas[0]), float(betas[1])))
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
     check_betas(betas)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))  # type: ignore[arg-type]
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])))
 
 
 @OPTIMIZERS.register("lars")
@@ -112,8 +116,9 @@ def warmup_cosine(step: int, total: int, warmup: int, final_ratio: float = 0.0) 
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_scheduler(opt: Optimizer, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0,
-                    schedule: str = "cosine") -> LambdaLR:
+def build_scheduler(
+    opt: Optimizer, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0, schedule: str = "cosine"
+) -> LambdaLR:
     """Per-step schedule: ``cosine`` (with warm-up) or ``constant`` (with warm-up)."""
     if schedule == "constant":
         return LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))

@@ -21,7 +21,8 @@ import difflib
 import importlib
 import inspect
 import pkgutil
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from episodic.errors import EpisodicError
 
@@ -44,7 +45,7 @@ class Registry(Generic[T]):
                 raise RuntimeError(f"{self.kind} {name!r} registered twice")
             self._items[name] = obj
             if isinstance(obj, type):
-                obj.name = name  # type: ignore[attr-defined]
+                obj.name = name  # type: ignore[attr-defined]  # T is any registered class
             return obj
 
         return deco
@@ -53,7 +54,8 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        pkg = importlib.import_module(self.package)  # type: ignore[arg-type]
+        assert self.package is not None  # _loaded starts True without one
+        pkg = importlib.import_module(self.package)
         for info in pkgutil.iter_modules(pkg.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
@@ -78,20 +80,20 @@ class Registry(Generic[T]):
 
     def build(self, name: str, **kwargs: Any) -> Any:
         """``get(name)(**kwargs)``; a keyword the class does not take is one line naming it and the allowed ones."""
-        cls = self.get(name)
+        cls: Any = self.get(name)
         unknown, allowed = unknown_keywords(cls, kwargs)
         if unknown:
-            raise EpisodicError(f"{self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                                f"allowed: {', '.join(allowed)}")
-        return cls(**kwargs)  # type: ignore[operator]
+            raise EpisodicError(
+                f"{self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
+            )
+        return cls(**kwargs)
 
 
 def unknown_keywords(fn: Callable[..., Any], kwargs: Any, skip: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """``(unknown, allowed)``: the keys of ``kwargs`` that ``fn`` (a class: its constructor) does not take, sorted,
     and the keyword names it does take, minus ``skip``; nothing is unknown when ``fn`` takes ``**kwargs``."""
     params = inspect.signature(fn).parameters.values()
-    allowed = [p.name for p in params
-               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
+    allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return [], allowed
     return sorted(set(kwargs) - set(allowed)), allowed

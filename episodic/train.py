@@ -34,8 +34,8 @@ from episodic.config import register
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train per ``cfg``, evaluate trained vs random-init encoders, return the results dict."""
     from episodic import distributed
-    from episodic.device import resolve_device
     from episodic.config import validate
+    from episodic.device import resolve_device
     from episodic.engine import Trainer, check_config
     from episodic.eval.knn import KNNMonitor
     from episodic.eval.quick import format_table, quick_eval
@@ -48,17 +48,27 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory on every rank
         trainer = Trainer(cfg, run_dir)
         ev, aug = cfg.eval, cfg.data.augment
-        knn = KNNMonitor(int(ev.knn_every), str(ev.knn_unit), int(ev.knn_k), float(ev.knn_t),
-                         len(trainer.train_set) // int(cfg.batch_size), run_dir / "knn.jsonl", trainer.step,
-                         info.is_main, aug.mean, aug.std)
+        knn = KNNMonitor(
+            int(ev.knn_every),
+            str(ev.knn_unit),
+            int(ev.knn_k),
+            float(ev.knn_t),
+            len(trainer.train_set) // int(cfg.batch_size),
+            run_dir / "knn.jsonl",
+            trainer.step,
+            info.is_main,
+            aug.mean,
+            aug.std,
+        )
         trainer.fit([knn])
         if trainer.stop_requested is not None:
             if info.is_main:
-                print(f"stopped by {trainer.stop_requested} after step {trainer.step} of {trainer.steps}; "
-                      f"checkpoint {trainer.last_checkpoint}; continue with: resume=auto "
-                      f"hydra.run.dir={run_dir}")
-            return {"stopped": trainer.stop_requested, "step": trainer.step,
-                    "checkpoint": str(trainer.last_checkpoint)}
+                print(
+                    f"stopped by {trainer.stop_requested} after step {trainer.step} of {trainer.steps}; "
+                    f"checkpoint {trainer.last_checkpoint}; continue with: resume=auto "
+                    f"hydra.run.dir={run_dir}"
+                )
+            return {"stopped": trainer.stop_requested, "step": trainer.step, "checkpoint": str(trainer.last_checkpoint)}
         if not info.is_main:
             return {}
         baseline = build_model(cfg).backbone.to(trainer.device)

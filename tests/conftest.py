@@ -1,6 +1,6 @@
 """Shared test settings: deterministic, single-threaded-friendly, float64 references."""
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch

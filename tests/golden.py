@@ -25,12 +25,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import TINY, make_cfg  # noqa: E402
+from helpers import TINY, make_cfg
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden.json"
 STEPS = 3
-COMMON = [*TINY, f"train.steps={STEPS}", "train.log_every=1", "eval.knn_every=0", "train.ckpt_every=0",
-          "train.hist_every=0", "batch_size=16"]
+COMMON = [
+    *TINY,
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    "eval.knn_every=0",
+    "train.ckpt_every=0",
+    "train.hist_every=0",
+    "batch_size=16",
+]
 SN = ["variant.soft_neighbors.k=2", "variant.soft_neighbors.bank_size=40"]
 MOCO = ["method=moco", "method.params.queue_size=40"]
 
@@ -46,30 +53,49 @@ for _head in ("contrastive", "protonet", "r2d2", "svm"):
         CASES[f"{_head}+moco"] = [f"head={_head}", *MOCO]
         CASES[f"{_head}+byol"] = [f"head={_head}", "method=byol"]
     for _aug in ("rotate", "invert", "crop", "query_mix", "rotation_loss"):
-        CASES[f"{_head}+{_aug}"] = [f"head={_head}", f"task.augment=[{_aug}]", f"task.{_aug}.p=0.5"
-                                    if _aug in ("rotate", "invert", "crop") else f"task.{_aug}.weight=0.5"
-                                    if _aug == "rotation_loss" else "task.query_mix.p=1.0"]
+        CASES[f"{_head}+{_aug}"] = [
+            f"head={_head}",
+            f"task.augment=[{_aug}]",
+            f"task.{_aug}.p=0.5"
+            if _aug in ("rotate", "invert", "crop")
+            else f"task.{_aug}.weight=0.5"
+            if _aug == "rotation_loss"
+            else "task.query_mix.p=1.0",
+        ]
     CASES[f"{_head}+all_tasks"] = [f"head={_head}", "task.augment=[rotate,query_mix,rotation_loss]"]
     CASES[f"{_head}+2x2_way4"] = [f"head={_head}", "n_supp=2", "n_query=2", "n_way=4"]
-CASES.update({
-    "contrastive+asym+moco": ["head=contrastive", "head.params.symmetric=false", *MOCO],
-    "r2d2+moco_symmetric_predictor": ["head=r2d2", *MOCO, "method.params.symmetric=true",
-                                      "method.params.predictor_hidden=16", "method.params.momentum_schedule=cosine"],
-    "contrastive+moco+t_kernel": ["head=contrastive", "head.params.symmetric=false", *MOCO, "variant=t_kernel"],
-    "contrastive+moco+feature_transform": ["head=contrastive", "head.params.symmetric=false", *MOCO,
-                                           "variant=feature_transform"],
-    "protonet+moco+soft_neighbors": ["head=protonet", *MOCO, "variant=soft_neighbors", *SN],
-    "contrastive+debiased+t_kernel": ["head=contrastive", "variant=[t_kernel,debiased]"],
-    "r2d2+rotate_add": ["head=r2d2", "task.augment=[rotate]", "task.rotate.mode=add", "task.rotate.p=0.25"],
-    "protonet+byol+query_mix": ["head=protonet", "method=byol", "task.augment=[query_mix]"],
-    "r2d2+moco+query_mix": ["head=r2d2", *MOCO, "task.augment=[query_mix]"],
-    "r2d2+accu2_way4": ["head=r2d2", "n_way=4", "optim.accu_iter=2"],
-    "contrastive+local_way4": ["head=contrastive", "task.scope=local", "n_way=4"],
-})
+CASES.update(
+    {
+        "contrastive+asym+moco": ["head=contrastive", "head.params.symmetric=false", *MOCO],
+        "r2d2+moco_symmetric_predictor": [
+            "head=r2d2",
+            *MOCO,
+            "method.params.symmetric=true",
+            "method.params.predictor_hidden=16",
+            "method.params.momentum_schedule=cosine",
+        ],
+        "contrastive+moco+t_kernel": ["head=contrastive", "head.params.symmetric=false", *MOCO, "variant=t_kernel"],
+        "contrastive+moco+feature_transform": [
+            "head=contrastive",
+            "head.params.symmetric=false",
+            *MOCO,
+            "variant=feature_transform",
+        ],
+        "protonet+moco+soft_neighbors": ["head=protonet", *MOCO, "variant=soft_neighbors", *SN],
+        "contrastive+debiased+t_kernel": ["head=contrastive", "variant=[t_kernel,debiased]"],
+        "r2d2+rotate_add": ["head=r2d2", "task.augment=[rotate]", "task.rotate.mode=add", "task.rotate.p=0.25"],
+        "protonet+byol+query_mix": ["head=protonet", "method=byol", "task.augment=[query_mix]"],
+        "r2d2+moco+query_mix": ["head=r2d2", *MOCO, "task.augment=[query_mix]"],
+        "r2d2+accu2_way4": ["head=r2d2", "n_way=4", "optim.accu_iter=2"],
+        "contrastive+local_way4": ["head=contrastive", "task.scope=local", "n_way=4"],
+    }
+)
 # cases whose two-process run is meaningful and cheap (one spawn runs them all)
-TWO_PROCESS = [name for name in CASES if "+" not in name or name.endswith(("+moco", "+byol", "+debiased",
-                                                                             "+all_tasks", "+2x2_way4",
-                                                                             "+soft_neighbors"))]
+TWO_PROCESS = [
+    name
+    for name in CASES
+    if "+" not in name or name.endswith(("+moco", "+byol", "+debiased", "+all_tasks", "+2x2_way4", "+soft_neighbors"))
+]
 TWO_PROCESS += ["contrastive+asym+moco", "r2d2+moco_symmetric_predictor", "contrastive+local_way4"]
 
 
@@ -93,7 +119,7 @@ def svm_logits() -> dict[str, list[float]]:
     for backend in ("fast", "qpth", "cvxpylayers"):
         try:
             head = HEADS.build("svm", backend=backend, C=0.1, learn_scale=False)
-        except Exception:  # noqa: BLE001 - an optional backend that is not installed
+        except Exception:
             continue
         out[backend] = head.scores(support, labels, query, 5).flatten().tolist()
     return out
@@ -109,8 +135,9 @@ def one_process() -> dict[str, Any]:
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
     try:

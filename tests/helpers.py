@@ -19,9 +19,17 @@ if TYPE_CHECKING:
     from episodic.tasks.episode import Episode
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["backbone.params.width=16", "backbone.projector.hidden_dim=32", "backbone.projector.out_dim=16",
-        "batch_size=32", "train.steps=3", "train.progress=false", "eval.fewshot.episodes=20", "device=cpu",
-        "eval.plots=false"]  # end-of-run pictures (t-SNE) take seconds; tests/test_eval.py covers them
+TINY = [
+    "backbone.params.width=16",
+    "backbone.projector.hidden_dim=32",
+    "backbone.projector.out_dim=16",
+    "batch_size=32",
+    "train.steps=3",
+    "train.progress=false",
+    "eval.fewshot.episodes=20",
+    "device=cpu",
+    "eval.plots=false",
+]  # end-of-run pictures (t-SNE) take seconds; tests/test_eval.py covers them
 
 
 def make_cfg(*overrides: str, config: str = "train") -> DictConfig:
@@ -31,11 +39,12 @@ def make_cfg(*overrides: str, config: str = "train") -> DictConfig:
 
 
 def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
-def pair(method: "Method", episode: "Episode", head: "Head") -> "HeadOutput":
+def pair(method: Method, episode: Episode, head: Head) -> HeadOutput:
     """A pairing's part of the model's step in one process: embed, score with the head, update its state."""
     from episodic.tasks.scope import ScopePlan
 

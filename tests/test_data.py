@@ -68,8 +68,14 @@ def test_cifar100_pickle(tmp_path: Path) -> None:
     base.mkdir()
     for name in ["train", "test"]:
         with open(base / name, "wb") as f:
-            pickle.dump({"data": _images(2, 32, 32).transpose(0, 3, 1, 2).reshape(2, -1),
-                         "fine_labels": [5, 99], "coarse_labels": [0, 1]}, f)
+            pickle.dump(
+                {
+                    "data": _images(2, 32, 32).transpose(0, 3, 1, 2).reshape(2, -1),
+                    "fine_labels": [5, 99],
+                    "coarse_labels": [0, 1],
+                },
+                f,
+            )
     with open(base / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [str(k) for k in range(100)]}, f)
     s = build_dataset("cifar100", root=str(tmp_path))
@@ -115,6 +121,8 @@ def test_missing_dataset_path_names_it(tmp_path: Path) -> None:
 def test_class_selection() -> None:
     s = build_dataset("digits")
     sub = s.train.with_classes([0, 3])
-    assert set(sub.labels.tolist()) == {0, 3} and len(sub) == int((s.train.labels == 0).sum() + (s.train.labels == 3).sum())
+    assert set(sub.labels.tolist()) == {0, 3} and len(sub) == int(
+        (s.train.labels == 0).sum() + (s.train.labels == 3).sum()
+    )
     with pytest.raises(EpisodicError, match="class indices \\[12\\] do not exist"):
         s.train.with_classes([12])

@@ -30,18 +30,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from helpers import TINY, make_cfg
-
 from episodic import checkpoint, distributed
 from episodic.device import resolve_precision
 from episodic.engine import Trainer
-from episodic.model import EpisodicModel
 from episodic.errors import EpisodicError
 from episodic.heads.base import HEADS
 from episodic.methods import METHODS
+from episodic.model import EpisodicModel
 from episodic.models import build_encoder
 from episodic.tasks.samplers import ViewSampler
 from episodic.tasks.scope import ScopePlan, _interleave, plan_scope
+from helpers import TINY, make_cfg
 
 WORLD = 2
 B = 16  # global batch: 8 images per rank
@@ -55,13 +54,28 @@ CASES: dict[str, tuple[Any, ...]] = {
     "contrastive_local": ("contrastive", {"temperature": 0.2}, 1, 1, None, "local"),
     # momentum-encoder support (no gradient through the gather), a queue passed to the head as memory,
     # and the head called twice (symmetric loss)
-    "moco_r2d2_global": ("r2d2", {"lam": 1.0, "scale": 10.0, "learn_scale": True}, 1, 1, None, "global",
-                         "moco", {"queue_size": 24, "symmetric": True}),
+    "moco_r2d2_global": (
+        "r2d2",
+        {"lam": 1.0, "scale": 10.0, "learn_scale": True},
+        1,
+        1,
+        None,
+        "global",
+        "moco",
+        {"queue_size": 24, "symmetric": True},
+    ),
 }
 
 
-def _tiny_model(plan: ScopePlan, ns: int, nq: int, head: str, params: dict[str, Any], method: str = "simclr",
-                method_params: dict[str, Any] | None = None) -> EpisodicModel:
+def _tiny_model(
+    plan: ScopePlan,
+    ns: int,
+    nq: int,
+    head: str,
+    params: dict[str, Any],
+    method: str = "simclr",
+    method_params: dict[str, Any] | None = None,
+) -> EpisodicModel:
     torch.manual_seed(0)
     enc = build_encoder("conv4", 1, {"width": 8, "depth": 2}, {"hidden_dim": 16, "out_dim": 8})
     pairing = METHODS.build(method, encoder=enc, **(method_params or {}))
@@ -78,14 +92,29 @@ def _grads(model: torch.nn.Module) -> Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-def _grad_case(rank: int, head: str, params: dict[str, Any], ns: int, nq: int, n_way: int | None,
-               scope: str, method: str = "simclr", method_params: dict[str, Any] | None = None
-               ) -> dict[str, float]:
+def _grad_case(
+    rank: int,
+    head: str,
+    params: dict[str, Any],
+    ns: int,
+    nq: int,
+    n_way: int | None,
+    scope: str,
+    method: str = "simclr",
+    method_params: dict[str, Any] | None = None,
+) -> dict[str, float]:
     views = torch.rand(ns + nq, B, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     b = B // WORLD
     # one process, the whole batch (scope=local: the episodes each process would build on its own)
-    ref = _tiny_model(plan_scope("global", n_way if scope == "global" else (n_way or b), B), ns, nq, head, params,
-                      method, method_params)
+    ref = _tiny_model(
+        plan_scope("global", n_way if scope == "global" else (n_way or b), B),
+        ns,
+        nq,
+        head,
+        params,
+        method,
+        method_params,
+    )
     out = ref(views)
     out.loss.backward()
     ref_loss, ref_grads = float(out.loss.detach()), _grads(ref)
@@ -95,9 +124,13 @@ def _grad_case(rank: int, head: str, params: dict[str, Any], ns: int, nq: int, n
     out = ddp(views[:, rank * b : (rank + 1) * b])
     out.loss.backward()
     grads = _grads(model)
-    res = {"loss": float(distributed.reduce_mean(out.loss.detach())), "ref_loss": ref_loss,
-           "grad_diff": float((grads - ref_grads).abs().max()), "grad_max": float(ref_grads.abs().max()),
-           "spans": float(model.scope.spans)}
+    res = {
+        "loss": float(distributed.reduce_mean(out.loss.detach())),
+        "ref_loss": ref_loss,
+        "grad_diff": float((grads - ref_grads).abs().max()),
+        "grad_max": float(ref_grads.abs().max()),
+        "spans": float(model.scope.spans),
+    }
     if method == "moco":  # a training forward enqueues: every rank's queue = the one-process queue
         for m in (ref, model):
             m.train()
@@ -121,8 +154,7 @@ def _local_only_gather(x: Tensor) -> Tensor:
 
 
 def _trainer_case(rank: int, run_dir: Path) -> dict[str, Any]:
-    cfg = make_cfg(*TINY, "head=r2d2", "train.steps=2", "train.ckpt_every=1", "train.log_every=1",
-                   "eval.knn_every=0")
+    cfg = make_cfg(*TINY, "head=r2d2", "train.steps=2", "train.ckpt_every=1", "train.log_every=1", "eval.knn_every=0")
     trainer = Trainer(cfg, run_dir)
     trainer.fit()
     flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -132,14 +164,21 @@ def _trainer_case(rank: int, run_dir: Path) -> dict[str, Any]:
     flat_again = torch.cat([p.detach().flatten() for p in again.model.parameters()])
     # BYOL's loss never reaches the head (r2d2 has a learnable scale): DDP must not wait for its gradient,
     # and its accuracy (queries scored by the head, not through the scoped head) uses the local labels
-    byol = Trainer(make_cfg(*TINY, "head=r2d2", "method=byol", "train.steps=2", "train.log_every=2",
-                            "eval.knn_every=0"), run_dir.parent / "byol")
+    byol = Trainer(
+        make_cfg(*TINY, "head=r2d2", "method=byol", "train.steps=2", "train.log_every=2", "eval.knn_every=0"),
+        run_dir.parent / "byol",
+    )
     byol.fit()
-    return {"byol": byol.history, "params_equal": bool(torch.equal(both[0], both[1])), "history": trainer.history,
-            "local_batch": trainer.scope.local_batch,
-            "ddp": isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel),
-            "resumed_step": again.step, "resumed_params": bool(torch.equal(flat_again, flat)),
-            "resumed_generator": torch.equal(again.generator.get_state(), trainer.generator.get_state())}
+    return {
+        "byol": byol.history,
+        "params_equal": bool(torch.equal(both[0], both[1])),
+        "history": trainer.history,
+        "local_batch": trainer.scope.local_batch,
+        "ddp": isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel),
+        "resumed_step": again.step,
+        "resumed_params": bool(torch.equal(flat_again, flat)),
+        "resumed_generator": torch.equal(again.generator.get_state(), trainer.generator.get_state()),
+    }
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -262,7 +301,8 @@ def _one_step(tmp_path: Path, views: Tensor, *overrides: str) -> tuple[float, Te
 
 
 def test_accumulation_equals_the_larger_batch_when_episodes_fit_micro_batches(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, one_thread: None) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, one_thread: None
+) -> None:
     views = torch.rand(2, 32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     loss1, g1 = _one_step(tmp_path, views, "n_way=8")
     loss2, g2 = _one_step(tmp_path, views, "n_way=8", "optim.accu_iter=2")

@@ -35,8 +35,9 @@ def test_images_keep_their_shape() -> None:
     assert torch.equal(ep.query[1, 4], views[2, 4])  # episode 1, query view 2 of its image 0 = image 4
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(n_supp=0), "n_supp=0"), (dict(n_query=-1), "n_query=-1"), (dict(n_way=1), "n_way=1")])
+@pytest.mark.parametrize(
+    "kwargs, words", [(dict(n_supp=0), "n_supp=0"), (dict(n_query=-1), "n_query=-1"), (dict(n_way=1), "n_way=1")]
+)
 def test_bad_arguments(kwargs: dict, words: str) -> None:
     with pytest.raises(EpisodicError, match=words):
         ViewSampler(**kwargs)

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from helpers import TINY, make_cfg, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from episodic.cli import run_or_fail, validate_overrides
 from episodic.data.datasets import build_dataset
@@ -29,17 +28,25 @@ from episodic.eval.plots import episode_scores, plot_accuracy_curve
 from episodic.eval.semi import balanced_subset, pct_name
 from episodic.heads.base import HEADS
 from episodic.train import train
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import TINY, make_cfg, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # lam 5 (the reference's penalty): after these 20 tiny steps its encoder probes at ~64% on 1 or 2 threads,
 # where the default lam 0.2 gives ~38-41%, depending on the thread count
-RUN = ["head.params.lam=5", "train.steps=20", "batch_size=64", "data.params.image_size=16", "data.augment.size=16",
-       "eval.linear=false", "eval.baseline=false", "eval.knn_every=5", "eval.knn_unit=steps",
-       "eval.plots=true", "eval.plot_points=120"]
-
-
+RUN = [
+    "head.params.lam=5",
+    "train.steps=20",
+    "batch_size=64",
+    "data.params.image_size=16",
+    "data.augment.size=16",
+    "eval.linear=false",
+    "eval.baseline=false",
+    "eval.knn_every=5",
+    "eval.knn_unit=steps",
+    "eval.plots=true",
+    "eval.plot_points=120",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +59,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def ev(run: Path, protocol: str, *overrides: str) -> dict:
-    cfg = make_cfg(f"eval={protocol}", f"checkpoint={run / 'checkpoints' / 'last.pt'}", "device=cpu", *overrides,
-                   config="evaluate")
+    cfg = make_cfg(
+        f"eval={protocol}", f"checkpoint={run / 'checkpoints' / 'last.pt'}", "device=cpu", *overrides, config="evaluate"
+    )
     return evaluate(cfg)
 
 
@@ -125,8 +133,17 @@ def test_knn_monitor_schedule_progress_bar_and_resume(tmp_path: Path) -> None:
     writer = SimpleNamespace(add_scalar=lambda *a: logged.append(a))
     bar = tqdm(total=10, file=io.StringIO())
     bar.set_postfix(loss="1.000")
-    mon.after_step(Progress(10, 10, SimpleNamespace(backbone=backbone), data, torch.device("cpu"),  # type: ignore[arg-type]
-                            writer, bar))
+    mon.after_step(
+        Progress(
+            10,
+            10,
+            SimpleNamespace(backbone=backbone),
+            data,
+            torch.device("cpu"),  # type: ignore[arg-type]
+            writer,
+            bar,
+        )
+    )
     acc = knn_eval(backbone, data.train, data.test, k=3, temperature=0.5)
     assert logged == [("eval/knn_acc", acc, 10)] and bar.postfix == f"loss=1.000, knn={acc:.1f}"
     assert json.loads((tmp_path / "knn.jsonl").read_text().splitlines()[-1]) == {"step": 10, "knn_acc": acc}
@@ -164,8 +181,18 @@ def test_sgd_probe_separates_separable_classes_and_runs_the_paper_recipe(run: Pa
     x = centers[y] + 0.3 * torch.randn(len(y), 3, generator=g)
     head = sgd_probe(lambda idx: x[idx], y, 3, 3, steps=60, batch_size=32, lr=0.1)
     assert (head(x).argmax(1) == y).all()
-    res = ev(run, "linear", "eval.optimizer=sgd", "eval.aug=crop_flip", "eval.steps=80", "eval.batch_size=128",
-             "eval.lr=0.5", "eval.momentum=0.9", "eval.weight_decay=0", "eval.baseline=false")
+    res = ev(
+        run,
+        "linear",
+        "eval.optimizer=sgd",
+        "eval.aug=crop_flip",
+        "eval.steps=80",
+        "eval.batch_size=128",
+        "eval.lr=0.5",
+        "eval.momentum=0.9",
+        "eval.weight_decay=0",
+        "eval.baseline=false",
+    )
     assert res["settings"]["aug"] == "crop_flip" and res["random_init"] is None
     assert res["trained"] > 40.0  # 10 classes: chance is 10%
 
@@ -245,18 +272,29 @@ def test_bad_input_is_one_line_exit_2(run: Path, capsys: pytest.CaptureFixture) 
     def cfg(*o: str):  # type: ignore[no-untyped-def]
         return make_cfg(*o, "device=cpu", config="evaluate")
 
-    fails_with(capsys, lambda: evaluate(cfg("eval=fewshot", ck, "eval.ways=6")),
-               "error: 6-way episodes need 6 classes but the few-shot set has 5; use ways <= 5")
-    fails_with(capsys, lambda: evaluate(cfg("eval=fewshot", ck, "eval.shots=[400]")),
-               "error: 400-shot episodes with 15 queries need 415 images per class but class ")
-    fails_with(capsys, lambda: evaluate(cfg("eval=linear", ck, "eval.test_split=val")),
-               "error: data 'digits' has no split 'val'; allowed: train, test, both")
+    fails_with(
+        capsys,
+        lambda: evaluate(cfg("eval=fewshot", ck, "eval.ways=6")),
+        "error: 6-way episodes need 6 classes but the few-shot set has 5; use ways <= 5",
+    )
+    fails_with(
+        capsys,
+        lambda: evaluate(cfg("eval=fewshot", ck, "eval.shots=[400]")),
+        "error: 400-shot episodes with 15 queries need 415 images per class but class ",
+    )
+    fails_with(
+        capsys,
+        lambda: evaluate(cfg("eval=linear", ck, "eval.test_split=val")),
+        "error: data 'digits' has no split 'val'; allowed: train, test, both",
+    )
     fails_with(capsys, lambda: evaluate(cfg("eval=knn")), "error: checkpoint=PATH is required")
     fails_with(capsys, lambda: evaluate(cfg("eval=knn", f"checkpoint={run / 'nope.pt'}")), "error: checkpoint '")
-    fails_with(capsys, lambda: evaluate(cfg("eval=semi", ck, "eval.fractions=[0.1,0.2]", "eval.lr=[0.1]")),
-               "error: eval.lr has 1 entries for 2 fractions")
-    fails_with(capsys, lambda: evaluate(cfg("eval=knn", ck, "data=cifar10")),
-               "error: data 'cifar10' has 3-channel")
+    fails_with(
+        capsys,
+        lambda: evaluate(cfg("eval=semi", ck, "eval.fractions=[0.1,0.2]", "eval.lr=[0.1]")),
+        "error: eval.lr has 1 entries for 2 fractions",
+    )
+    fails_with(capsys, lambda: evaluate(cfg("eval=knn", ck, "data=cifar10")), "error: data 'cifar10' has 3-channel")
     with pytest.raises(SystemExit) as e:
         validate_overrides("evaluate", ["eval=lineer", ck])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: unknown eval 'lineer'; allowed: ")

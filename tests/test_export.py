@@ -9,17 +9,14 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import TINY, make_cfg, run_cli
-
 from episodic.cli import run_or_fail
 from episodic.engine import Trainer
 from episodic.eval.features import load_encoders
 from episodic.export import export
 from episodic.models.backbones import Conv4
+from helpers import TINY, make_cfg, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 def checkpoint_of(tmp_path: Path, *overrides: str) -> Path:
@@ -66,8 +63,7 @@ def test_resnet18_export_loads_into_torchvision_strictly_with_the_same_features(
     assert set(sd) - set(sd2) == {"fc.weight", "fc.bias"}
 
 
-def test_cifar_stem_export_loads_after_the_printed_stem_swap(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_cifar_stem_export_loads_after_the_printed_stem_swap(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ckpt = checkpoint_of(tmp_path, "backbone=resnet18")  # digits: 1 channel, CIFAR stem
     out = export(export_cfg(ckpt, tmp_path / "r18c.pt"))
     printed = capsys.readouterr().out
@@ -86,8 +82,7 @@ def test_cifar_stem_export_loads_after_the_printed_stem_swap(tmp_path: Path,
         torch.testing.assert_close(m.eval()(x), load_encoders(ckpt).trained(x), rtol=0, atol=0)
 
 
-def test_conv4_export_is_the_backbone_state_dict_and_says_so(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_conv4_export_is_the_backbone_state_dict_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ckpt = checkpoint_of(tmp_path)
     p = run_cli("episodic.export", f"checkpoint={ckpt}", f"out={tmp_path / 'c4.pt'}")
     assert p.returncode == 0, p.stderr

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 # the test's driver (not part of an extension): trains each override list for two steps, one process
 # or every torchrun rank, and writes the logged losses
-DRIVER = '''
+DRIVER = """
 import json, sys
 from pathlib import Path
 from episodic import distributed
@@ -42,7 +42,7 @@ for i, overrides in enumerate(runs):
 if info.is_main:
     (out / "result.json").write_text(json.dumps({"config_dir": str(CONFIG_DIR), "losses": losses}))
 distributed.cleanup()
-'''
+"""
 
 HEAD = '''"""``nearest``: each query scored against every support example by cosine / tau; a test's new head."""
 
@@ -111,7 +111,7 @@ class GroupSampler(Sampler):
                        n_way=b // self.group, n_supp=ns * self.group, n_query=(v - ns) * self.group)
 '''
 
-AUGMENT = '''"""``mirror``: every view of a chosen image flipped left-right, a new class (a test's new task augmentation)."""
+AUGMENT = '''"""``mirror``: every view of a chosen image flipped left-right: a new class (a test's augmentation)."""
 
 from torch import Tensor
 
@@ -143,8 +143,14 @@ def train_both_ways(src: Path, runs: list[list[str]], tmp: Path) -> None:
     for nproc in (1, 2):
         out = tmp / f"out{nproc}"
         launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        p = subprocess.run([sys.executable, *launch, str(tmp / "driver.py"), str(out), json.dumps(runs)],
-                           cwd=src, env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [sys.executable, *launch, str(tmp / "driver.py"), str(out), json.dumps(runs)],
+            cwd=src,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         res = json.loads((out / "result.json").read_text())
         assert res["config_dir"].startswith(str(src))  # the copy's package and configs, nothing else
@@ -157,11 +163,19 @@ def test_a_new_head_is_one_file(tmp_path: Path) -> None:
     src = copy_package(tmp_path / "src")
     (src / "episodic" / "heads" / "nearest.py").write_text(HEAD)
     # the variants its declared capabilities allow (a kernel head: all of them), in the head's own process
-    check = ("from episodic.heads.base import HEADS\nfrom episodic.heads.variants import VARIANTS\n"
-             "h = HEADS.get('nearest')\nprint(' '.join(n for n in VARIANTS.names() "
-             "if h.scoring in VARIANTS.get(n).applies_to))")
-    p = subprocess.run([sys.executable, "-c", check], cwd=src, env={**os.environ, "PYTHONPATH": str(src)},
-                       capture_output=True, text=True, timeout=120)
+    check = (
+        "from episodic.heads.base import HEADS\nfrom episodic.heads.variants import VARIANTS\n"
+        "h = HEADS.get('nearest')\nprint(' '.join(n for n in VARIANTS.names() "
+        "if h.scoring in VARIANTS.get(n).applies_to))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=src,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     variants = p.stdout.split()
     assert variants == ["debiased", "feature_transform", "soft_neighbors", "t_kernel"], p.stderr
     extra = {"soft_neighbors": ["variant.soft_neighbors.bank_size=64"]}
@@ -172,12 +186,19 @@ def test_a_new_head_is_one_file(tmp_path: Path) -> None:
 def test_a_new_sampler_is_one_file(tmp_path: Path) -> None:
     src = copy_package(tmp_path / "src")
     (src / "episodic" / "tasks" / "samplers" / "groups.py").write_text(SAMPLER)
-    train_both_ways(src, [["sampler=groups", "head=protonet"], ["sampler=groups", "head=r2d2", "sampler.params.group=4"]],
-                    tmp_path)
+    train_both_ways(
+        src, [["sampler=groups", "head=protonet"], ["sampler=groups", "head=r2d2", "sampler.params.group=4"]], tmp_path
+    )
 
 
 def test_a_new_task_augmentation_is_one_file(tmp_path: Path) -> None:
     src = copy_package(tmp_path / "src")
     (src / "episodic" / "tasks" / "mirror.py").write_text(AUGMENT)
-    train_both_ways(src, [["task.augment=[mirror]", "task.mirror.p=0.5"],
-                          ["head=contrastive", "task.augment=[mirror,rotate]", "task.mirror.p=1.0"]], tmp_path)
+    train_both_ways(
+        src,
+        [
+            ["task.augment=[mirror]", "task.mirror.p=0.5"],
+            ["head=contrastive", "task.augment=[mirror,rotate]", "task.mirror.p=1.0"],
+        ],
+        tmp_path,
+    )

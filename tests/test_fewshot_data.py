@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_cfg
-
 from episodic.data.datasets import build_dataset
-from episodic.data.fewshot_datasets import (CIFAR100_SUPERCLASSES, CIFAR_FS_SPLITS, FC100_SUPERCLASS_SPLITS,
-                                            class_order, fc100_splits, holdout_split)
+from episodic.data.fewshot_datasets import (
+    CIFAR100_SUPERCLASSES,
+    CIFAR_FS_SPLITS,
+    FC100_SUPERCLASS_SPLITS,
+    class_order,
+    fc100_splits,
+    holdout_split,
+)
 from episodic.errors import EpisodicError
+from helpers import make_cfg
 
 FINE = sorted(c for cs in CIFAR100_SUPERCLASSES.values() for c in cs)  # CIFAR-100's fine label order
 HAS_L2L = importlib.util.find_spec("learn2learn") is not None
@@ -34,8 +39,7 @@ def test_class_lists() -> None:
     assert sorted(class_order(fc)) == FINE
     coarse = list(CIFAR100_SUPERCLASSES)  # coarse label order of CIFAR-100
     idx = {s: sorted(coarse.index(c) for c in FC100_SUPERCLASS_SPLITS[s]) for s in FC100_SUPERCLASS_SPLITS}
-    assert idx == {"train": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16],
-                   "test": [0, 7, 12, 14]}
+    assert idx == {"train": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16], "test": [0, 7, 12, 14]}
 
 
 def _cifar100_arrays(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +61,14 @@ def _write_cifar100_pickles(root: Path) -> dict[str, tuple[np.ndarray, np.ndarra
         x, y = _cifar100_arrays(per_class, seed=len(split))
         out[split] = (x, y)
         with open(base / split, "wb") as f:  # the official layout: rows of 1024 R, 1024 G, 1024 B
-            pickle.dump({"data": x.transpose(0, 3, 1, 2).reshape(len(x), -1), "fine_labels": y.tolist(),
-                         "coarse_labels": [0] * len(y)}, f)
+            pickle.dump(
+                {
+                    "data": x.transpose(0, 3, 1, 2).reshape(len(x), -1),
+                    "fine_labels": y.tolist(),
+                    "coarse_labels": [0] * len(y),
+                },
+                f,
+            )
     with open(base / "meta", "wb") as f:
         pickle.dump({"fine_label_names": FINE, "coarse_label_names": list(CIFAR100_SUPERCLASSES)}, f)
     return out
@@ -109,7 +119,7 @@ def test_cifar_split_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "a.npz", images=x, labels=y, classes=np.array([f"c{i}" for i in range(100)]))
     with pytest.raises(EpisodicError, match=r"cifar_fs: classes \['apple', 'aquarium_fish'.* are not in the source"):
         build_dataset("cifar_fs", root=str(tmp_path), train_npz="a.npz", test_npz="a.npz")
-    with pytest.raises(EpisodicError, match="give both train_npz and test_npz"):
+    with pytest.raises(EpisodicError, match="give both data.params.train_npz and data.params.test_npz"):
         build_dataset("cifar_fs", root=str(tmp_path), train_npz="a.npz")
 
 
@@ -123,6 +133,7 @@ def test_holdout_split_is_per_class_and_in_file_order() -> None:
 
 
 # ------------------------------------------------------------------ learn2learn formats
+
 
 def _write_mini(root: Path, per_class: int = 3, classes: tuple[int, ...] = (2, 1, 2)) -> list[tuple[int, str]]:
     """mini-imagenet-cache-<mode>.pkl files; pixel (0,0,0) of each image is its running id.
@@ -170,16 +181,26 @@ def _write_tiered(root: Path) -> list[tuple[int, str]]:
         with open(base / f"{short}_images_png.pkl", "wb") as f:
             pickle.dump(pngs, f)
         with open(base / f"{short}_labels.pkl", "wb") as f:
-            pickle.dump({"label_specific": labels, "label_general": labels * 0, "label_specific_str": names,
-                         "label_general_str": [b"all"]}, f)
+            pickle.dump(
+                {
+                    "label_specific": labels,
+                    "label_general": labels * 0,
+                    "label_specific_str": names,
+                    "label_general_str": [b"all"],
+                },
+                f,
+            )
         truth += [(offset + int(c), names[c].decode()) for c in labels]
         offset += k
     return truth
 
 
 def test_learn2learn_missing_files_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(EpisodicError, match=r"mini-ImageNet file not found at '.*mini-imagenet-cache-train\.pkl'; "
-                                            r"set data.params.root"):
+    with pytest.raises(
+        EpisodicError,
+        match=r"mini-ImageNet file not found at '.*mini-imagenet-cache-train\.pkl'; "
+        r"set data.params.root",
+    ):
         build_dataset("mini_imagenet", root=str(tmp_path))
     with pytest.raises(EpisodicError, match=r"tiered-ImageNet file not found at '.*tiered-imagenet/train_images_png"):
         build_dataset("tiered_imagenet", root=str(tmp_path))
@@ -190,8 +211,9 @@ def test_learn2learn_not_installed_is_one_clear_error(tmp_path: Path, monkeypatc
     _write_tiered(tmp_path)
     monkeypatch.setitem(sys.modules, "learn2learn", None)  # import learn2learn -> ImportError
     for name, what in [("mini_imagenet", "mini-ImageNet"), ("tiered_imagenet", "tiered-ImageNet")]:
-        with pytest.raises(EpisodicError, match=f"{what} is read with learn2learn, which is not installed .*"
-                                                "pip install learn2learn"):
+        with pytest.raises(
+            EpisodicError, match=f"{what} is read with learn2learn, which is not installed .*pip install learn2learn"
+        ):
             build_dataset(name, root=str(tmp_path))
 
 

@@ -21,8 +21,11 @@ def recorded() -> dict[str, Any]:
 
 def _compare(now: dict[str, list[float]], before: dict[str, list[float]]) -> None:
     assert sorted(now) == sorted(before)
-    bad = {k: (before[k], now[k]) for k in before
-           if len(now[k]) != len(before[k]) or any(abs(a - b) > TOL for a, b in zip(now[k], before[k]))}
+    bad = {
+        k: (before[k], now[k])
+        for k in before
+        if len(now[k]) != len(before[k]) or any(abs(a - b) > TOL for a, b in zip(now[k], before[k]))
+    }
     assert not bad, bad
 
 

@@ -75,8 +75,11 @@ def test_protonet_against_loop(metric: str) -> None:
     ref = torch.empty(len(q), 4, dtype=torch.float64)
     for j in range(len(q)):
         for k in range(4):
-            ref[j, k] = (-(q[j] - protos[k]).pow(2).sum() if metric == "euclidean"
-                         else F.cosine_similarity(q[j], protos[k], dim=0)) / tau
+            ref[j, k] = (
+                -(q[j] - protos[k]).pow(2).sum()
+                if metric == "euclidean"
+                else F.cosine_similarity(q[j], protos[k], dim=0)
+            ) / tau
     assert torch.allclose(out.logits[0], ref, atol=1e-12)
     ce = -ref.log_softmax(-1)[torch.arange(len(q)), ep.query_labels[0]].mean()
     assert out.loss.item() == pytest.approx(ce.item(), abs=1e-12)
@@ -105,9 +108,14 @@ def test_r2d2_logits_reference(n: int) -> None:
     assert np.allclose(logits.detach().numpy(), ref, atol=1e-10)
 
 
-@pytest.mark.parametrize("name, params", [
-    ("contrastive", {"temperature": 0.5}), ("protonet", {"temperature": 0.5}),
-    ("r2d2", {"lam": 0.7, "learn_scale": False, "scale": 3.0})])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("contrastive", {"temperature": 0.5}),
+        ("protonet", {"temperature": 0.5}),
+        ("r2d2", {"lam": 0.7, "learn_scale": False, "scale": 3.0}),
+    ],
+)
 @pytest.mark.parametrize("n_supp, n_query", [(1, 1), (2, 3)])
 def test_gradcheck(name: str, params: dict, n_supp: int, n_query: int) -> None:
     head = HEADS.build(name, **params).double()
@@ -123,8 +131,12 @@ def test_several_episodes_are_independent(name: str) -> None:
     _, ep = episode(2, 3, b=8, n_way=4)
     both = head(ep).logits
     for e in range(2):
-        one = ep.replace(support=ep.support[e : e + 1], query=ep.query[e : e + 1],
-                         support_labels=ep.support_labels[e : e + 1], query_labels=ep.query_labels[e : e + 1])
+        one = ep.replace(
+            support=ep.support[e : e + 1],
+            query=ep.query[e : e + 1],
+            support_labels=ep.support_labels[e : e + 1],
+            query_labels=ep.query_labels[e : e + 1],
+        )
         assert torch.allclose(head(one).logits[0], both[e], atol=1e-12)
 
 

@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, make_cfg
-
-from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
-from episodic.data.loader import BatchLoader, EpochBatchSampler, batch_seed
-from episodic.data.loader import batch_indices, epoch_order
 from episodic.config import validate
+from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
+from episodic.data.loader import BatchLoader, EpochBatchSampler, batch_indices, batch_seed, epoch_order
 from episodic.engine import Trainer
 from episodic.errors import EpisodicError
+from helpers import TINY, make_cfg
 
 N, B = 23, 5  # 4 batches per epoch, 3 images dropped
 
@@ -41,7 +39,7 @@ def test_order_is_the_trainers_and_resumes_mid_epoch() -> None:
     assert got == expect  # step s = batch s % 4 of epoch s // 4, across epoch boundaries
     resumed = [ids(b) for b in itertools.islice(iter(BatchLoader(x, B, order(), start_step=6)), 5)]
     assert resumed == expect[6:11]
-    assert all(len(set(sum(expect[e * 4 : e * 4 + 4], []))) == 20 for e in range(2))  # no repeats in an epoch
+    assert all(len({i for b in expect[e * 4 : e * 4 + 4] for i in b}) == 20 for e in range(2))  # no repeats in an epoch
 
 
 def test_workers_pinning_and_persistence_keep_the_order() -> None:
@@ -69,8 +67,9 @@ def test_rank_slices_cover_the_global_batch() -> None:
 def test_worker_augmentation_is_seeded_per_step_not_per_worker() -> None:
     x, cfg = images(), AugmentConfig(size=6, blur_p=0.5, solarize_p=0.3)
     one = list(itertools.islice(iter(BatchLoader(x, B, order(), mode="worker", augment=cfg, n_views=3, seed=7)), 5))
-    two = list(itertools.islice(iter(BatchLoader(x, B, order(), mode="worker", augment=cfg, n_views=3, seed=7,
-                                                 workers=2)), 5))
+    two = list(
+        itertools.islice(iter(BatchLoader(x, B, order(), mode="worker", augment=cfg, n_views=3, seed=7, workers=2)), 5)
+    )
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     assert one[0].shape == (3, B, 3, 6, 6) and one[0].dtype == torch.float32
     # batch s is multi_view of its images with a generator seeded by (seed, rank, step)

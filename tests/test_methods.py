@@ -10,8 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY, make_cfg, pair
-
 from episodic.engine import Trainer
 from episodic.heads import HEADS
 from episodic.methods import METHODS
@@ -19,6 +17,7 @@ from episodic.methods.momentum import ema_update, momentum_at
 from episodic.models import build_encoder
 from episodic.optim import build_optimizer
 from episodic.tasks import Episode, ViewSampler
+from helpers import TINY, make_cfg, pair
 
 
 def encoder() -> torch.nn.Module:
@@ -82,9 +81,18 @@ def test_moco_symmetric_adds_the_swapped_loss() -> None:
     head = HEADS.build("contrastive", temperature=0.3, symmetric=False)
     ep = images(b=4, n_supp=1, n_query=2)
     out = pair(moco, ep, head)
-    swapped = ep.replace(support=ep.query, query=ep.support, support_labels=ep.query_labels,
-                         query_labels=ep.support_labels, n_supp=2, n_query=1)
-    ref = head(moco._embed(ep, head.transform_embeddings)).loss + head(moco._embed(swapped, head.transform_embeddings)).loss
+    swapped = ep.replace(
+        support=ep.query,
+        query=ep.support,
+        support_labels=ep.query_labels,
+        query_labels=ep.support_labels,
+        n_supp=2,
+        n_query=1,
+    )
+    ref = (
+        head(moco._embed(ep, head.transform_embeddings)).loss
+        + head(moco._embed(swapped, head.transform_embeddings)).loss
+    )
     assert out.loss.item() == pytest.approx(ref.item(), abs=1e-5)
 
 
@@ -99,8 +107,17 @@ def test_moco_queue_with_ridge_and_protonet_heads() -> None:
 
 
 def test_moco_queue_is_restored_on_resume(tmp_path: Path) -> None:
-    base = ["head=contrastive", "head.params.symmetric=false", "method=moco", "method.params.queue_size=40",
-            *TINY, "train.steps=4", "train.log_every=1", "train.ckpt_every=2", "train.keep_last=0"]
+    base = [
+        "head=contrastive",
+        "head.params.symmetric=false",
+        "method=moco",
+        "method.params.queue_size=40",
+        *TINY,
+        "train.steps=4",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "train.keep_last=0",
+    ]
     a = Trainer(make_cfg(*base), tmp_path / "a")
     a.fit()
     ckpt = tmp_path / "a" / "checkpoints" / "step_0000002.pt"
@@ -145,8 +162,7 @@ def test_byol_mixed_queries_regress_onto_mixed_prototypes() -> None:
 
 
 def test_byol_trains_online_and_predictor_not_target() -> None:
-    byol = METHODS.build("byol", encoder=encoder(), predictor_hidden=16, momentum=0.5,
-                         momentum_schedule="constant")
+    byol = METHODS.build("byol", encoder=encoder(), predictor_hidden=16, momentum=0.5, momentum_schedule="constant")
     head = HEADS.build("r2d2")
     pair(byol, images(), head).loss.backward()
     assert byol.predictor.net[0].weight.grad.abs().sum() > 0

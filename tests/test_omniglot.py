@@ -13,23 +13,36 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT, TINY, make_cfg
-
 from episodic.data.datasets import DATASETS, build_dataset, resize_uint8
 from episodic.data.omniglot import read_split_list
 from episodic.errors import EpisodicError
 from episodic.optim import warmup_cosine
+from helpers import ROOT, TINY, make_cfg
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import ablate  # noqa: E402
-import omniglot_fewshot as bench  # noqa: E402
+import ablate
+import omniglot_fewshot as bench
 
 DRAWINGS, SIDE = 20, 20
 SETS = {
-    "background": ["Alpha/character01", "Alpha/character02", "Alpha/character03", "Alpha/character04",
-                   "Beta/character01", "Beta/character02", "Beta/character03"],
-    "evaluation": ["Gamma/character01", "Gamma/character02", "Gamma/character03", "Gamma/character04",
-                   "Gamma/character05", "Delta/character01", "Delta/character02"],
+    "background": [
+        "Alpha/character01",
+        "Alpha/character02",
+        "Alpha/character03",
+        "Alpha/character04",
+        "Beta/character01",
+        "Beta/character02",
+        "Beta/character03",
+    ],
+    "evaluation": [
+        "Gamma/character01",
+        "Gamma/character02",
+        "Gamma/character03",
+        "Gamma/character04",
+        "Gamma/character05",
+        "Delta/character01",
+        "Delta/character02",
+    ],
 }
 TRAIN = ["Alpha/character01", "Alpha/character02", "Alpha/character03", "Alpha/character04", "Gamma/character01"]
 VAL = ["Beta/character01", "Beta/character02", "Beta/character03"]
@@ -50,8 +63,12 @@ def omni_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     first_id = {"background": 1, "evaluation": 1 + len(SETS["background"])}
     for which, names in SETS.items():
         x = _drawings(which)
-        np.savez(root / "npz" / f"omniglot_{which}.npz", images=x.reshape(-1, SIDE, SIDE, 1),
-                 labels=np.repeat(np.arange(len(names)), DRAWINGS), classes=np.array(names))
+        np.savez(
+            root / "npz" / f"omniglot_{which}.npz",
+            images=x.reshape(-1, SIDE, SIDE, 1),
+            labels=np.repeat(np.arange(len(names)), DRAWINGS),
+            classes=np.array(names),
+        )
         for c, name in enumerate(names):
             folder = root / "folder" / f"images_{which}" / name
             folder.mkdir(parents=True)
@@ -88,14 +105,20 @@ def test_vinyals_split_npz(omni_root: Path) -> None:
         got = s.test.images[s.test.labels == 5 + 16 + r]
         assert torch.equal(got, torch.rot90(src, r, dims=(2, 3)))
     # rot090 is counter-clockwise: the top row becomes the left column, read bottom to top
-    assert torch.equal(s.test.images[(s.test.labels == 22).nonzero()[0, 0], 0, :, 0],
-                       src[0, 0, 0, :].flip(0))
+    assert torch.equal(s.test.images[(s.test.labels == 22).nonzero()[0, 0], 0, :, 0], src[0, 0, 0, :].flip(0))
 
 
 def test_options_val_rotations_invert_resize(omni_root: Path) -> None:
     root = str(omni_root / "npz")
-    v = build_dataset("omniglot", root=root, image_size=None, eval_split="val", test_rotations=False,
-                      train_rotations=True, invert=False)
+    v = build_dataset(
+        "omniglot",
+        root=root,
+        image_size=None,
+        eval_split="val",
+        test_rotations=False,
+        train_rotations=True,
+        invert=False,
+    )
     assert v.test.labels.tolist() == [20 + i for i in range(3) for _ in range(DRAWINGS)]  # 5 x 4 train classes first
     assert v.test.classes[20:] == VAL and torch.equal(v.test.images[:DRAWINGS], _source("Beta/character01"))
     assert v.train.images.shape[0] == 5 * 4 * DRAWINGS
@@ -105,8 +128,9 @@ def test_options_val_rotations_invert_resize(omni_root: Path) -> None:
     assert small.test.images.shape[-2:] == (8, 8)
     assert torch.equal(small.train.images, resize_uint8(full.train.images, 8))
     # rotating after resizing is exact, so the resized rot090 class is rot90 of the resized rot000 class
-    assert torch.equal(small.test.images[small.test.labels == 6],
-                       torch.rot90(small.test.images[small.test.labels == 5], 1, (2, 3)))
+    assert torch.equal(
+        small.test.images[small.test.labels == 6], torch.rot90(small.test.images[small.test.labels == 5], 1, (2, 3))
+    )
     # sharper training drawings: train at train_image_size, the evaluated split unchanged at image_size
     sharp = build_dataset("omniglot", root=root, image_size=8, train_image_size=16)
     assert torch.equal(sharp.train.images, resize_uint8(full.train.images, 16))
@@ -135,15 +159,18 @@ def test_split_list_forms(tmp_path: Path) -> None:
     assert read_split_list(p) == ["A/character01", "B/character02"]
 
 
-@pytest.mark.parametrize("params, message", [
-    (dict(root="/nonexistent"), "no Omniglot found in '/nonexistent'"),
-    (dict(split="random"), "data.params.split='random' is not allowed; use one of vinyals, lake"),
-    (dict(eval_split="train"), "data.params.eval_split='train' is not allowed; use test or val"),
-    (dict(split="lake", eval_split="val"), "data.params.eval_split=val needs split=vinyals"),
-    (dict(format="zip"), "data.params.format='zip' is not allowed; use one of auto, npz, folder"),
-    (dict(splits_dir="/nonexistent"), "Omniglot split list not found at '/nonexistent/train.txt'"),
-    (dict(image_size=2), "data.params.image_size=2 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(root="/nonexistent"), "no Omniglot found in '/nonexistent'"),
+        (dict(split="random"), "data.params.split='random' is not allowed; use one of vinyals, lake"),
+        (dict(eval_split="train"), "data.params.eval_split='train' is not allowed; use test or val"),
+        (dict(split="lake", eval_split="val"), "data.params.eval_split=val needs split=vinyals"),
+        (dict(format="zip"), "data.params.format='zip' is not allowed; use one of auto, npz, folder"),
+        (dict(splits_dir="/nonexistent"), "Omniglot split list not found at '/nonexistent/train.txt'"),
+        (dict(image_size=2), "data.params.image_size=2 is not allowed"),
+    ],
+)
 def test_bad_input(omni_root: Path, params: dict, message: str) -> None:
     kw = {"root": str(omni_root / "npz"), **params}
     with pytest.raises(EpisodicError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -192,10 +219,27 @@ def test_budget_schedule() -> None:
 
 def test_benchmark_end_to_end(omni_root: Path, tmp_path: Path) -> None:
     tiny = [o for o in TINY if not o.startswith(("train.steps", "eval."))]
-    args = bench.parse_args(["--steps", "2", "--episodes", "20", "--out", str(tmp_path / "run"),
-                             "--random-init-cache", str(tmp_path / "cache"), "--curve", "2", "--curve-episodes", "10",
-                             f"data.params.root={omni_root / 'npz'}", "data.params.image_size=16",
-                             "data.augment.size=16", "head=r2d2", *tiny])
+    args = bench.parse_args(
+        [
+            "--steps",
+            "2",
+            "--episodes",
+            "20",
+            "--out",
+            str(tmp_path / "run"),
+            "--random-init-cache",
+            str(tmp_path / "cache"),
+            "--curve",
+            "2",
+            "--curve-episodes",
+            "10",
+            f"data.params.root={omni_root / 'npz'}",
+            "data.params.image_size=16",
+            "data.augment.size=16",
+            "head=r2d2",
+            *tiny,
+        ]
+    )
     res = bench.run(args)
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["steps"] == 2 and saved["budget"] == {"steps": 2, "seconds": None, "cpu_seconds": None}
@@ -215,15 +259,22 @@ def test_benchmark_end_to_end(omni_root: Path, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- the ablation report
-def _fake_result(out: Path, cell: ablate.Cell, seed: int, acc5: float, fraction: float = 1.0,
-                 steps: int = 100) -> None:
+def _fake_result(out: Path, cell: ablate.Cell, seed: int, acc5: float, fraction: float = 1.0, steps: int = 100) -> None:
     d = ablate.run_dir(out, cell, seed, fraction)
     d.mkdir(parents=True)
     accs = {k: {"mean": acc5 + i, "ci95": 0.5} for i, k in enumerate(ablate.SETTINGS)}
-    d.joinpath("result.json").write_text(json.dumps({
-        "steps": steps, "train_seconds": 10.0, "fewshot": accs, "config": {"backbone": {"name": "conv4"}},
-        "eval": {"split": "test", "classes": 1692},
-        "random_init": {k: {"mean": 50.0 + seed, "ci95": 1.0} for k in ablate.SETTINGS}}))
+    d.joinpath("result.json").write_text(
+        json.dumps(
+            {
+                "steps": steps,
+                "train_seconds": 10.0,
+                "fewshot": accs,
+                "config": {"backbone": {"name": "conv4"}},
+                "eval": {"split": "test", "classes": 1692},
+                "random_init": {k: {"mean": 50.0 + seed, "ci95": 1.0} for k in ablate.SETTINGS},
+            }
+        )
+    )
 
 
 def test_statistics() -> None:
@@ -246,13 +297,35 @@ def test_report_from_results(tmp_path: Path) -> None:
         _fake_result(out, r, s, b)
         _fake_result(out, cr, s, rot)
         _fake_result(out, c, s, a - 5, fraction=0.5, steps=50)
-    args = ablate.parse_args(["--steps", "100", "--seeds", "0", "1", "2", "--heads", "contrastive", "r2d2",
-                              "--variants", "none", "--budgets", "0.5", "--out", str(out),
-                              "--doc", str(tmp_path / "docs" / "results.md"), "--report-only", "--", "n_query=2"])
+    args = ablate.parse_args(
+        [
+            "--steps",
+            "100",
+            "--seeds",
+            "0",
+            "1",
+            "2",
+            "--heads",
+            "contrastive",
+            "r2d2",
+            "--variants",
+            "none",
+            "--budgets",
+            "0.5",
+            "--out",
+            str(out),
+            "--doc",
+            str(tmp_path / "docs" / "results.md"),
+            "--report-only",
+            "--",
+            "n_query=2",
+        ]
+    )
     skipped = {ablate.Cell("r2d2", True, "none"): "refused: a reason"}
     cells = [c, r, cr, ablate.Cell("r2d2", True, "none")]
-    text = ablate.report(args, cells, skipped, out, ["--steps", "100", "--report-only", "--max-runs", "3",
-                                                      "--jobs", "2"])
+    text = ablate.report(
+        args, cells, skipped, out, ["--steps", "100", "--report-only", "--max-runs", "3", "--jobs", "2"]
+    )
     assert "python benchmarks/ablate.py --steps 100\n" in text  # --report-only, --max-runs, --jobs are not in it
     assert "test on the 1692 classes of the Vinyals test split (conv4 backbone)" in text
     hw = ablate.t_half_width([85.0, 86.0, 84.0])
@@ -273,8 +346,10 @@ def test_plot_from_in_run_curves(tmp_path: Path) -> None:
         _fake_result(out, cell, s, accs[1])
         p = ablate.run_dir(out, cell, s, 1.0) / "result.json"
         r = json.loads(p.read_text())
-        r["curve"] = [{"step": 50, "seconds": 5.0, "5way1shot": {"mean": accs[0]}},
-                      {"step": 100, "seconds": 10.0, "5way1shot": {"mean": accs[1]}}]
+        r["curve"] = [
+            {"step": 50, "seconds": 5.0, "5way1shot": {"mean": accs[0]}},
+            {"step": 100, "seconds": 10.0, "5way1shot": {"mean": accs[1]}},
+        ]
         p.write_text(json.dumps(r))
     xs, ys, es = ablate.curve_points(ablate.load(out, cell, [0, 1], 1.0), "training steps")
     assert xs == [50, 100] and ys == [71.0, 82.0]
@@ -288,11 +363,37 @@ def test_step_overhead_benchmark_runs_and_reports_ratios(tmp_path: Path) -> None
     import step_overhead
 
     out = tmp_path / "rows.json"
-    step_overhead.main(["--backbones", "conv4", "--heads", "protonet", "r2d2", "--batch", "8", "--size", "16",
-                        "--channels", "1", "--rounds", "2", "--warmup", "1", "--clock", "cpu", "--threads", "1",
-                        "--json", str(out), "backbone.params.width=8", "backbone.projector.hidden_dim=16"])
+    step_overhead.main(
+        [
+            "--backbones",
+            "conv4",
+            "--heads",
+            "protonet",
+            "r2d2",
+            "--batch",
+            "8",
+            "--size",
+            "16",
+            "--channels",
+            "1",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--clock",
+            "cpu",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "backbone.params.width=8",
+            "backbone.projector.hidden_dim=16",
+        ]
+    )
     rows = json.loads(out.read_text())
-    assert [(r["backbone"], r["head"], r["clock"]) for r in rows] == [("conv4", "protonet", "cpu"),
-                                                                       ("conv4", "r2d2", "cpu")]
+    assert [(r["backbone"], r["head"], r["clock"]) for r in rows] == [
+        ("conv4", "protonet", "cpu"),
+        ("conv4", "r2d2", "cpu"),
+    ]
     for r in rows:
         assert r["bare_ms"] > 0 and r["step_ms"] > 0 and r["ratio"] == pytest.approx(r["step_ms"] / r["bare_ms"])

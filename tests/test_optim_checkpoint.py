@@ -23,8 +23,12 @@ def test_param_groups_exclude_bias_and_norm_from_decay() -> None:
 def test_lars_step_by_hand() -> None:
     w = nn.Parameter(torch.tensor([3.0, 4.0]))
     b = nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([dict(params=[w], weight_decay=0.5), dict(params=[b], weight_decay=0.0, lars=False)],
-               lr=0.1, momentum=0.9, eta=0.01)
+    opt = LARS(
+        [dict(params=[w], weight_decay=0.5), dict(params=[b], weight_decay=0.0, lars=False)],
+        lr=0.1,
+        momentum=0.9,
+        eta=0.01,
+    )
     w.grad, b.grad = torch.tensor([1.0, 0.0]), torch.tensor([2.0])
     opt.step()
     u = torch.tensor([1.0, 0.0]) + 0.5 * torch.tensor([3.0, 4.0])  # g + wd w

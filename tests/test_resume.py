@@ -16,36 +16,45 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
-
-from helpers import ROOT, TINY, make_cfg
 
 from episodic import checkpoint
 from episodic.checkpoint import newest_valid, prune
 from episodic.engine import Trainer
 from episodic.errors import EpisodicError
 from episodic.heads.base import HeadOutput
+from helpers import ROOT, TINY, make_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = [*TINY, "head=r2d2", "batch_size=16", "backbone.params.width=8", "backbone.params.depth=2",
-         "data.params.image_size=16", "data.augment.size=16", "train.log_every=1", "eval.knn_every=0",
-         "eval.linear=false", "eval.baseline=false", "optim=adam"]
+SMALL = [
+    *TINY,
+    "head=r2d2",
+    "batch_size=16",
+    "backbone.params.width=8",
+    "backbone.params.depth=2",
+    "data.params.image_size=16",
+    "data.augment.size=16",
+    "train.log_every=1",
+    "eval.knn_every=0",
+    "eval.linear=false",
+    "eval.baseline=false",
+    "optim=adam",
+]
 
 
 TOTAL = 30  # the killed run is stopped right after its step-4 checkpoint, far from the end
 KILL_STEPS = [f"train.steps={TOTAL}", "train.ckpt_every=2", "train.keep_last=3"]
 
 
-
-
 def _start(run_dir: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out = open(run_dir.parent / f"{run_dir.name}.out", "w")
+    out = open(run_dir.parent / f"{run_dir.name}.out", "w")  # noqa: SIM115 - the child process writes it
     cmd = [sys.executable, "-m", "episodic.train", *SMALL, *args, f"hydra.run.dir={run_dir}"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
@@ -67,7 +76,7 @@ def _signal_when(path: Path, proc: subprocess.Popen, signals: list[int], errors:
         _wait_for(path, proc)
         for sig in signals:
             proc.send_signal(sig)
-    except BaseException as e:  # noqa: BLE001 - reported by the tests
+    except BaseException as e:
         errors.append(e)
 
 
@@ -81,9 +90,10 @@ def signalled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     # SIGSTOP first freezes the process at once, so it cannot finish before the SIGKILL lands
     kill_at = kill_run / "checkpoints" / "step_0000004.pt"
     term_at = term_run / "checkpoints" / "step_0000002.pt"
-    watchers = [threading.Thread(target=_signal_when,
-                                 args=(kill_at, procs[0], [signal.SIGSTOP, signal.SIGKILL], errors)),
-                threading.Thread(target=_signal_when, args=(term_at, procs[1], [signal.SIGTERM], errors))]
+    watchers = [
+        threading.Thread(target=_signal_when, args=(kill_at, procs[0], [signal.SIGSTOP, signal.SIGKILL], errors)),
+        threading.Thread(target=_signal_when, args=(term_at, procs[1], [signal.SIGTERM], errors)),
+    ]
     try:
         for w in watchers:
             w.start()
@@ -95,9 +105,15 @@ def signalled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         for w in watchers:
             w.join()
         rcs = [p.wait(timeout=240) for p in procs]
-        yield {"errors": errors, "kill_rc": rcs[0], "term_rc": rcs[1], "kill_run": kill_run,
-               "term_run": term_run, "reference": reference.history,
-               "term_out": (tmp / "terminated.out").read_text()}
+        yield {
+            "errors": errors,
+            "kill_rc": rcs[0],
+            "term_rc": rcs[1],
+            "kill_run": kill_run,
+            "term_run": term_run,
+            "reference": reference.history,
+            "term_out": (tmp / "terminated.out").read_text(),
+        }
     finally:
         for p in procs:
             if p.poll() is None:
@@ -135,8 +151,7 @@ def test_sigterm_checkpoints_that_step_and_exits_cleanly(signalled: dict[str, An
     assert not (run / "checkpoints" / "last.pt").exists() and not (run / "results.json").exists()
 
 
-def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     steps = ["train.steps=4", "train.ckpt_every=1", "train.keep_last=2"]
     first = Trainer(make_cfg(*SMALL, *steps), tmp_path)
     first.fit()

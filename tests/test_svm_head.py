@@ -8,23 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_cfg
-
 from episodic.errors import EpisodicError
 from episodic.heads import HEADS
 from episodic.heads.svm import SVMHead
 from episodic.solvers import kkt_residual, project_rows
 from episodic.solvers.fast import FastSolver
 from episodic.tasks import ViewSampler
+from helpers import make_cfg
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"), pytest.mark.usefixtures("one_thread")]  # cvxpylayers
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]  # cvxpylayers
 
 
-
-
-
-def random_task(n_way: int, n_supp: int, d: int, episodes: int = 2,
-                n_query: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_task(
+    n_way: int, n_supp: int, d: int, episodes: int = 2, n_query: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float64 support [E, n_way * n_supp, d], labels [E, n_way * n_supp], query [E, n_way * n_query, d]."""
     support = torch.randn(episodes, n_way * n_supp, d, dtype=torch.float64)
     query = torch.randn(episodes, n_way * n_query, d, dtype=torch.float64)
@@ -32,8 +32,9 @@ def random_task(n_way: int, n_supp: int, d: int, episodes: int = 2,
     return support, labels, query
 
 
-def logits_and_grads(head: SVMHead, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor,
-                     n_way: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logits_and_grads(
+    head: SVMHead, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits and the gradients of ``sum(logits * weights)`` w.r.t. support and query."""
     s = support.clone().requires_grad_()
     q = query.clone().requires_grad_()
@@ -80,8 +81,7 @@ def test_gradcheck_fast_backend() -> None:
     support, labels, _ = random_task(3, 2, 4, episodes=2)
     solver = FastSolver(C=0.1, tol=1e-13, warm_start=False)
     support.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: solver(x, labels, 3), (support,),
-                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda x: solver(x, labels, 3), (support,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_gradcheck_head_through_queries_and_scale() -> None:
@@ -89,8 +89,9 @@ def test_gradcheck_head_through_queries_and_scale() -> None:
     head = SVMHead(C=0.5, tol=1e-13, warm_start=False, normalize=True).double()
     support.requires_grad_()
     query.requires_grad_()
-    assert torch.autograd.gradcheck(lambda s, q: head.scores(s, labels, q, 3), (support, query),
-                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(
+        lambda s, q: head.scores(s, labels, q, 3), (support, query), eps=1e-6, atol=1e-6, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("collapsed", [False, True])
@@ -161,8 +162,7 @@ def test_unknown_backend_lists_the_allowed_ones() -> None:
 
 
 @pytest.mark.parametrize("backend,module", [("qpth", "qpth"), ("cvxpylayers", "cvxpylayers")])
-def test_missing_backend_package_says_how_to_fix(monkeypatch: pytest.MonkeyPatch, backend: str,
-                                                 module: str) -> None:
+def test_missing_backend_package_says_how_to_fix(monkeypatch: pytest.MonkeyPatch, backend: str, module: str) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     message = f"backend={backend} needs .*'{module}'.*pip install {module}.*backend=fast"
     with pytest.raises(EpisodicError, match=message):
@@ -188,7 +188,9 @@ def test_nan_embeddings_raise_instead_of_nan_logits() -> None:
 def test_importing_the_backends_does_not_import_qpth_or_cvxpy() -> None:
     import subprocess
 
-    code = ("import sys, episodic.heads.svm, episodic.solvers as s; s.SOLVERS.names(); "
-            "print(any(m in sys.modules for m in ('qpth', 'cvxpy', 'cvxpylayers')))")
+    code = (
+        "import sys, episodic.heads.svm, episodic.solvers as s; s.SOLVERS.names(); "
+        "print(any(m in sys.modules for m in ('qpth', 'cvxpy', 'cvxpylayers')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

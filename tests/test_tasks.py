@@ -9,18 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import TINY, make_cfg
-
 from episodic.errors import EpisodicError
 from episodic.heads.protonet import ProtoNetHead
 from episodic.tasks import ViewSampler
-from episodic.tasks.augment import (Draw, TaskContext, TaskPipeline, build_task_pipeline, cosine_weight,
-                                    image_views)
+from episodic.tasks.augment import Draw, TaskContext, TaskPipeline, build_task_pipeline, cosine_weight, image_views
 from episodic.tasks.crop import LargeCrop
 from episodic.tasks.invert import Invert
 from episodic.tasks.query_mix import QueryMix, box_masks, cyclic_derangement
 from episodic.tasks.rotate import Rotate
 from episodic.tasks.rotation_loss import RotationLoss
+from helpers import TINY, make_cfg
 
 CTX = TaskContext(embed_dim=8)
 
@@ -47,6 +45,7 @@ def rotation_of(a: torch.Tensor, b: torch.Tensor) -> int | None:
 
 
 # ------------------------------------------------------------------ rotate
+
 
 def test_rotate_replace_turns_all_views_of_an_image_alike() -> None:
     _, ep = episode()
@@ -106,6 +105,7 @@ def test_rotate_needs_square_views() -> None:
 
 # ------------------------------------------------------------------ invert, crop
 
+
 def test_invert_in_pixel_and_normalised_space() -> None:
     _, ep = episode()
     out = Invert(CTX, p=1.0)(ep, draw())
@@ -115,7 +115,9 @@ def test_invert_in_pixel_and_normalised_space() -> None:
     m, s = torch.tensor([0.5, 0.25]).view(2, 1, 1), torch.tensor([0.2, 0.4]).view(2, 1, 1)
     assert torch.allclose(out.query * s + m, 1 - (ep.query * s + m), atol=1e-6)
     half = Invert(CTX, p=0.5)(ep, draw(2))
-    flipped = [torch.allclose(image_views(half)[e, :, i], 1 - image_views(ep)[e, :, i]) for e in range(2) for i in range(3)]
+    flipped = [
+        torch.allclose(image_views(half)[e, :, i], 1 - image_views(ep)[e, :, i]) for e in range(2) for i in range(3)
+    ]
     kept = [torch.equal(image_views(half)[e, :, i], image_views(ep)[e, :, i]) for e in range(2) for i in range(3)]
     assert all(f != k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
 
@@ -153,6 +155,7 @@ def test_crop_shares_one_box_per_image() -> None:
 
 
 # ------------------------------------------------------------------ query mix
+
 
 def test_cyclic_derangement_has_no_fixed_point() -> None:
     order = draw().perm(50, 7)
@@ -257,6 +260,7 @@ def test_mixed_loss_uses_both_label_sets() -> None:
 
 # ------------------------------------------------------------------ rotation loss
 
+
 def test_rotation_loss_batch_and_value() -> None:
     _, ep = episode(b=6, ns=2, nq=2, n_way=3)
     rot = RotationLoss(CTX, weight=0.7, share=0.5)
@@ -285,8 +289,9 @@ def test_rotation_weight_decay() -> None:
 
 def test_rotation_loss_sees_views_before_task_rotation() -> None:
     _, ep = episode(b=4, ns=1, nq=1, n_way=None)
-    pipe = build_task_pipeline({"augment": ["rotate", "rotation_loss"], "rotate": {"p": 1.0},
-                                "rotation_loss": {"share": 1.0}}, CTX)
+    pipe = build_task_pipeline(
+        {"augment": ["rotate", "rotation_loss"], "rotate": {"p": 1.0}, "rotation_loss": {"share": 1.0}}, CTX
+    )
     assert pipe.names == ["rotation_loss", "rotate"]  # auxiliary first whatever the list order
     out, aux = pipe(ep, gen(11))
     allv = torch.cat([ep.support.flatten(0, 1), ep.query.flatten(0, 1)])
@@ -297,11 +302,16 @@ def test_rotation_loss_sees_views_before_task_rotation() -> None:
 
 # ------------------------------------------------------------------ composition and randomness
 
+
 @pytest.mark.parametrize("b, ns, nq, n_way", [(6, 1, 1, None), (12, 2, 3, 4), (3, 1, 2, 3), (10, 3, 1, 5)])
 def test_all_augmentations_combine_at_any_shape(b: int, ns: int, nq: int, n_way: int | None) -> None:
-    cfg = {"augment": ["query_mix", "rotation_loss", "crop", "rotate", "invert"],
-           "rotate": {"p": 0.5, "mode": "add"}, "invert": {"p": 0.5}, "crop": {"p": 0.5},
-           "rotation_loss": {"share": 0.5}}
+    cfg = {
+        "augment": ["query_mix", "rotation_loss", "crop", "rotate", "invert"],
+        "rotate": {"p": 0.5, "mode": "add"},
+        "invert": {"p": 0.5},
+        "crop": {"p": 0.5},
+        "rotation_loss": {"share": 0.5},
+    }
     pipe = build_task_pipeline(cfg, CTX)
     assert pipe.names == ["rotation_loss", "crop", "rotate", "invert", "query_mix"]
     _, ep = episode(b=b, ns=ns, nq=nq, n_way=n_way, c=1, h=4)
@@ -323,15 +333,21 @@ def test_all_augmentations_combine_at_any_shape(b: int, ns: int, nq: int, n_way:
 
 
 def test_bad_task_configs() -> None:
-    with pytest.raises(EpisodicError, match=r"unknown task augmentation 'rotat' \(did you mean 'rotate'\?\); "
-                                            r"allowed: crop, invert, query_mix, rotate, rotation_loss"):
+    with pytest.raises(
+        EpisodicError,
+        match=r"unknown task augmentation 'rotat' \(did you mean 'rotate'\?\); "
+        r"allowed: crop, invert, query_mix, rotate, rotation_loss",
+    ):
         build_task_pipeline({"augment": ["rotat"]})
     with pytest.raises(EpisodicError, match=r"task.augment lists \['rotate'\] more than once"):
         build_task_pipeline({"augment": ["rotate", "rotate"]})
     with pytest.raises(EpisodicError, match=r"task.rotate.p must be a probability in \[0, 1\], got 1.5"):
         build_task_pipeline({"augment": ["rotate"], "rotate": {"p": 1.5}})
-    with pytest.raises(EpisodicError, match=r"task.query_mix has unknown parameter\(s\) \['beta'\]; allowed: p, "
-                                            r"cutmix_p, alpha, keep_clean"):
+    with pytest.raises(
+        EpisodicError,
+        match=r"task.query_mix has unknown parameter\(s\) \['beta'\]; allowed: p, "
+        r"cutmix_p, alpha, keep_clean",
+    ):
         build_task_pipeline({"augment": ["query_mix"], "query_mix": {"beta": 1}})
     with pytest.raises(EpisodicError, match="task.rotate.mode='both' is not allowed; use replace or add"):
         build_task_pipeline({"augment": ["rotate"], "rotate": {"mode": "both"}})
@@ -342,11 +358,17 @@ def test_bad_task_configs() -> None:
 
 # ------------------------------------------------------------------ inside the trainer
 
+
 def test_trainer_applies_task_augmentations_and_trains_the_rotation_head(tmp_path: Path) -> None:
     from episodic.engine import Trainer
 
-    cfg = make_cfg(*TINY, "batch_size=16", "head=protonet",
-                   "task.augment=[rotate,query_mix,rotation_loss]", "task.rotation_loss.decay=cosine")
+    cfg = make_cfg(
+        *TINY,
+        "batch_size=16",
+        "head=protonet",
+        "task.augment=[rotate,query_mix,rotation_loss]",
+        "task.rotation_loss.decay=cosine",
+    )
     t = Trainer(cfg, tmp_path)
     clf = t.model.task.augments[0].classifier
     assert clf.weight.shape == (4, 16)  # embed_dim = backbone.projector.out_dim
@@ -371,5 +393,6 @@ def test_ablation_multirun_override_composes() -> None:
     assert choices == [[], ["rotate"], ["query_mix"], ["rotation_loss"], ["rotate", "query_mix", "rotation_loss"]]
     for choice in choices:
         cfg = make_cfg(f"task.augment=[{','.join(choice)}]")
-        assert build_task_pipeline(dict(cfg.task), CTX).names == sorted(choice, key=["rotation_loss", "rotate",
-                                                                                     "query_mix"].index)
+        assert build_task_pipeline(dict(cfg.task), CTX).names == sorted(
+            choice, key=["rotation_loss", "rotate", "query_mix"].index
+        )

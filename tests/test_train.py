@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, make_cfg, run_cli
-
 from episodic.train import train
+from helpers import TINY, make_cfg, run_cli
 
 
 @pytest.mark.parametrize("head", ["contrastive", "protonet", "r2d2"])
@@ -33,17 +32,25 @@ def test_n_way_episodes_run(tmp_path: Path) -> None:
     train(cfg, tmp_path)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["head=r2d3"], "error: unknown head 'r2d3'; allowed: "),
-    (["backbone=vgg"], "error: unknown backbone 'vgg'; allowed: "),
-    (["data=mnist"], "error: unknown data 'mnist'; allowed: "),
-    (["n_supp=0"], "error: n_supp=0 is not allowed; use an integer >= 1"),
-    (["batch_size=30", "n_way=8"], "error: n_way=8 does not divide the batch of 30 images"),
-    (["data=cifar10", "data.params.root=/nonexistent"], "error: cifar-10-batches-py/ folder not found at '/nonexistent/"),
-    (["n_quey=1"], "error: unknown key n_quey (did you mean n_query?); allowed at the top level: "),
-    (["head=r2d2", "+head.params.temperature=0.1"],
-     "error: unknown key head.params.temperature; allowed at head.params: bias, lam, "),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["head=r2d3"], "error: unknown head 'r2d3'; allowed: "),
+        (["backbone=vgg"], "error: unknown backbone 'vgg'; allowed: "),
+        (["data=mnist"], "error: unknown data 'mnist'; allowed: "),
+        (["n_supp=0"], "error: n_supp=0 is not allowed; use an integer >= 1"),
+        (["batch_size=30", "n_way=8"], "error: n_way=8 does not divide the batch of 30 images"),
+        (
+            ["data=cifar10", "data.params.root=/nonexistent"],
+            "error: cifar-10-batches-py/ folder not found at '/nonexistent/",
+        ),
+        (["n_quey=1"], "error: unknown key n_quey (did you mean n_query?); allowed at the top level: "),
+        (
+            ["head=r2d2", "+head.params.temperature=0.1"],
+            "error: unknown key head.params.temperature; allowed at head.params: bias, lam, ",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:
     p = run_cli("episodic.train", *args, "train.steps=1", "train.progress=false")
     assert p.returncode == 2, p.stderr
@@ -66,8 +73,11 @@ def test_channels_last_is_the_same_step_in_nhwc(tmp_path: Path) -> None:
         conv = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # 16 -> 16 channels
         before = conv.weight.detach().clone()
         loss = float(trainer.train_step(trainer.train_set.images[:32]).loss)
-        runs[flag] = (loss, (conv.weight.detach() - before).contiguous(),
-                      conv.weight.is_contiguous(memory_format=torch.channels_last))
+        runs[flag] = (
+            loss,
+            (conv.weight.detach() - before).contiguous(),
+            conv.weight.is_contiguous(memory_format=torch.channels_last),
+        )
     (loss_nhwc, step_nhwc, is_nhwc), (loss_nchw, step_nchw, is_nhwc_off) = runs["true"], runs["false"]
     assert is_nhwc and not is_nhwc_off
     assert loss_nhwc == pytest.approx(loss_nchw, rel=1e-5)

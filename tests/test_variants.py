@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY, make_cfg, run_cli
-
 from episodic.cli import validate_overrides
 from episodic.errors import EpisodicError
 from episodic.heads import HEADS
@@ -22,6 +20,7 @@ from episodic.heads.variants import attach_variants
 from episodic.methods import METHODS
 from episodic.models import build_encoder
 from episodic.tasks import ViewSampler
+from helpers import TINY, make_cfg, run_cli
 
 HEAD_PARAMS = {
     "contrastive": {"temperature": 0.5},
@@ -44,8 +43,10 @@ def episode(n_supp: int = 1, n_query: int = 1, b: int = 4, d: int = 4, mixed: bo
     g = torch.Generator().manual_seed(seed)
     ep = ViewSampler(n_supp, n_query)(torch.randn(n_supp + n_query, b, d, generator=g, dtype=torch.float64))
     if mixed:
-        ep = ep.replace(query_labels_mix=ep.query_labels.roll(1, -1),
-                        mix_weight=torch.rand(ep.query_labels.shape, generator=g, dtype=torch.float64))
+        ep = ep.replace(
+            query_labels_mix=ep.query_labels.roll(1, -1),
+            mix_weight=torch.rand(ep.query_labels.shape, generator=g, dtype=torch.float64),
+        )
     return ep
 
 
@@ -65,13 +66,17 @@ ALL_HEADS = ["contrastive", "contrastive_asym", "protonet", "protonet_cos", "r2d
 
 
 # ----------------------------------------------------------------- neutral settings = the base head
-NEUTRAL = [("debiased", {"tau_plus": 0.0}), ("soft_neighbors", {"k": 0}),
-           ("feature_transform", {"positive": False, "negative": False}),
-           ("feature_transform", {"lambda_pos": 1.0, "lambda_neg": 1.0})]
+NEUTRAL = [
+    ("debiased", {"tau_plus": 0.0}),
+    ("soft_neighbors", {"k": 0}),
+    ("feature_transform", {"positive": False, "negative": False}),
+    ("feature_transform", {"lambda_pos": 1.0, "lambda_neg": 1.0}),
+]
 
 
-@pytest.mark.parametrize("kind, variant, params", [(k, v, p) for k in ALL_HEADS for v, p in NEUTRAL]
-                         + [("svm", *NEUTRAL[0])])  # the other variants are refused for svm (test_refusals)
+@pytest.mark.parametrize(
+    "kind, variant, params", [(k, v, p) for k in ALL_HEADS for v, p in NEUTRAL] + [("svm", *NEUTRAL[0])]
+)  # the other variants are refused for svm (test_refusals)
 def test_neutral_setting_is_the_base_head(kind: str, variant: str, params: dict) -> None:
     ep = episode(2, 2, b=4, mixed=True)
     base, var = head(kind), head(kind, {variant: params})
@@ -149,7 +154,9 @@ def test_t_kernel_is_the_official_t_moco_loss() -> None:
     g = torch.Generator().manual_seed(7)
     q, k, queue = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (4, 4, 3))
     h = head("contrastive_asym", {"t_kernel": {"dof": 5, "standardize": "bn"}})
-    ep = ViewSampler(1, 1)(torch.stack([h.transform_embeddings(k), h.transform_embeddings(q)]))  # each pass standardised on its own
+    ep = ViewSampler(1, 1)(
+        torch.stack([h.transform_embeddings(k), h.transform_embeddings(q)])
+    )  # each pass standardised on its own
     out = h(ep, memory=queue)
     qn, kn, T, nu = bn(q.numpy()), bn(k.numpy()), 0.5, 5.0
     total = 0.0
@@ -165,8 +172,7 @@ def test_t_kernel_student_t_prototypes() -> None:
     out = head("protonet", {"t_kernel": {"dof": 3, "standardize": "l2"}})(ep)
     s, q, tau, nu = unit(ep.support[0].numpy()), unit(ep.query[0].numpy()), 0.7, 3.0
     protos = np.stack([s[ep.support_labels[0].numpy() == c].mean(0) for c in range(3)])
-    ref = np.array([[-(nu + 1) / 2 * np.log1p(((qi - p) ** 2).sum() / (tau / 2 * nu)) for p in protos]
-                    for qi in q])
+    ref = np.array([[-(nu + 1) / 2 * np.log1p(((qi - p) ** 2).sum() / (tau / 2 * nu)) for p in protos] for qi in q])
     assert np.allclose(out.logits[0].detach().numpy(), ref, atol=1e-12)
 
 
@@ -197,8 +203,7 @@ def set_bank(h: Head, bank: torch.Tensor) -> None:
 def test_soft_neighbors_contrastive_hand_value() -> None:
     ep = episode(1, 1, b=3, d=3, seed=11)
     h = head("contrastive_asym", {"soft_neighbors": {"k": 2, "bank_size": 4}}, dim=3)
-    bank = F.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64),
-                       dim=-1)
+    bank = F.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64), dim=-1)
     set_bank(h, bank)
     out = h(ep)
     s, q, B, tau = unit(ep.support[0].numpy()), unit(ep.query[0].numpy()), bank.numpy(), 0.5
@@ -222,8 +227,7 @@ def test_soft_neighbors_contrastive_hand_value() -> None:
 def test_soft_neighbors_ridge_hand_value_and_warmup() -> None:
     ep = episode(1, 1, b=3, d=3, seed=13)
     h = head("r2d2", {"soft_neighbors": {"k": 2, "bank_size": 5}}, dim=3)
-    bank = F.normalize(torch.randn(5, 3, generator=torch.Generator().manual_seed(14), dtype=torch.float64),
-                       dim=-1)
+    bank = F.normalize(torch.randn(5, 3, generator=torch.Generator().manual_seed(14), dtype=torch.float64), dim=-1)
     set_bank(h, bank)
     out = h(ep)
     s, q, B = unit(ep.support[0].numpy()), unit(ep.query[0].numpy()), bank.numpy()
@@ -342,9 +346,12 @@ def test_feature_transform_coefficients_follow_the_official_betas() -> None:
 
 
 # ----------------------------------------------------------------- gradcheck
-VARIANT_PARAMS = {"debiased": {"tau_plus": 0.3}, "t_kernel": {"dof": 3},
-                  "soft_neighbors": {"k": 2, "bank_size": 6},  # gradcheck needs the fully differentiable FT:
-                  "feature_transform": {"lambda_pos": 1.3, "lambda_neg": 0.4, "detach_partner": False}}
+VARIANT_PARAMS = {
+    "debiased": {"tau_plus": 0.3},
+    "t_kernel": {"dof": 3},
+    "soft_neighbors": {"k": 2, "bank_size": 6},  # gradcheck needs the fully differentiable FT:
+    "feature_transform": {"lambda_pos": 1.3, "lambda_neg": 0.4, "detach_partner": False},
+}
 
 
 @pytest.mark.parametrize("kind", ALL_HEADS)
@@ -366,23 +373,37 @@ def test_gradcheck(variant: str, kind: str) -> None:
 
 
 # ----------------------------------------------------------------- refusals and composition
-@pytest.mark.parametrize("kind, variants, message", [
-    ("svm", {"t_kernel": {}}, "variant=t_kernel does not apply to head=svm: its dual is built on a linear"),
-    ("svm", {"soft_neighbors": {}}, "variant=soft_neighbors does not apply to head=svm"),
-    ("svm", {"feature_transform": {}}, "variant=feature_transform does not apply to head=svm"),
-    ("contrastive", {"soft_neighbors": {}, "feature_transform": {}},
-     "variant=feature_transform cannot be combined with variant=soft_neighbors"),
-    ("contrastive", {"debiased": {"tau_plus": 1.0}},
-     "variant.debiased.tau_plus=1.0 is not allowed; use 0 <= tau_plus < 1"),
-    ("contrastive", {"t_kernel": {"dof": 0}},
-     "variant.t_kernel.dof=0 is not allowed; use a number > 0 or inf"),
-    ("contrastive", {"t_kernel": {"standardize": "ln"}}, "variant.t_kernel.standardize='ln' is not allowed"),
-    ("contrastive", {"soft_neighbors": {"k": -1}}, "variant.soft_neighbors.k=-1 is not allowed"),
-    ("contrastive", {"feature_transform": {"lambda_pos": 0.5}},
-     "variant.feature_transform.lambda_pos=0.5 is not allowed"),
-    ("contrastive", {"dcl": {}},
-     "unknown variant 'dcl'; allowed: debiased, feature_transform, soft_neighbors, t_kernel"),
-])
+@pytest.mark.parametrize(
+    "kind, variants, message",
+    [
+        ("svm", {"t_kernel": {}}, "variant=t_kernel does not apply to head=svm: its dual is built on a linear"),
+        ("svm", {"soft_neighbors": {}}, "variant=soft_neighbors does not apply to head=svm"),
+        ("svm", {"feature_transform": {}}, "variant=feature_transform does not apply to head=svm"),
+        (
+            "contrastive",
+            {"soft_neighbors": {}, "feature_transform": {}},
+            "variant=feature_transform cannot be combined with variant=soft_neighbors",
+        ),
+        (
+            "contrastive",
+            {"debiased": {"tau_plus": 1.0}},
+            "variant.debiased.tau_plus=1.0 is not allowed; use 0 <= tau_plus < 1",
+        ),
+        ("contrastive", {"t_kernel": {"dof": 0}}, "variant.t_kernel.dof=0 is not allowed; use a number > 0 or inf"),
+        ("contrastive", {"t_kernel": {"standardize": "ln"}}, "variant.t_kernel.standardize='ln' is not allowed"),
+        ("contrastive", {"soft_neighbors": {"k": -1}}, "variant.soft_neighbors.k=-1 is not allowed"),
+        (
+            "contrastive",
+            {"feature_transform": {"lambda_pos": 0.5}},
+            "variant.feature_transform.lambda_pos=0.5 is not allowed",
+        ),
+        (
+            "contrastive",
+            {"dcl": {}},
+            "unknown variant 'dcl'; allowed: debiased, feature_transform, soft_neighbors, t_kernel",
+        ),
+    ],
+)
 def test_refusals(kind: str, variants: dict, message: str) -> None:
     with pytest.raises(EpisodicError) as e:
         head(kind, variants)
@@ -395,8 +416,10 @@ def test_pairing_refusals() -> None:
     with pytest.raises(EpisodicError, match="^variant=debiased acts on negatives, but method=byol has none"):
         attach_variants(HEADS.build("contrastive"), {"debiased": {}}, byol, 4)
     moco = METHODS.build("moco", encoder=enc, queue_size=16)
-    with pytest.raises(EpisodicError, match="^method=moco with queue_size=16 adds that many classes to the "
-                                            "head, which head=svm cannot take"):
+    with pytest.raises(
+        EpisodicError,
+        match="^method=moco with queue_size=16 adds that many classes to the head, which head=svm cannot take",
+    ):
         moco.validate_head(HEADS.build("svm"))
     with pytest.raises(EpisodicError, match="^variant=t_kernel with head=r2d2 solves an n x n kernel system"):
         attach_variants(HEADS.build("r2d2"), {"t_kernel": {}}, moco, 4)
@@ -414,8 +437,11 @@ def test_variant_config_group_composes_lists() -> None:
 def test_cli_refusal_is_one_line() -> None:
     p = run_cli("episodic.train", "head=svm", "variant=t_kernel", "train.steps=1", "train.progress=false")
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        ("error: variant=t_kernel does not apply to head=svm: its dual is built on a linear Gram matrix; "
-         "use head=contrastive, protonet or r2d2")]
+        (
+            "error: variant=t_kernel does not apply to head=svm: its dual is built on a linear Gram matrix; "
+            "use head=contrastive, protonet or r2d2"
+        )
+    ]
 
 
 # ----------------------------------------------------------------- score histograms (the FT visualisation)
@@ -433,8 +459,14 @@ def test_histograms_reach_tensorboard(tmp_path: Path) -> None:
 
     from episodic.engine import Trainer
 
-    cfg = make_cfg("head=contrastive", "variant=[feature_transform]", *TINY, "train.steps=2",
-                   "train.hist_every=1", "train.ckpt_every=0")
+    cfg = make_cfg(
+        "head=contrastive",
+        "variant=[feature_transform]",
+        *TINY,
+        "train.steps=2",
+        "train.hist_every=1",
+        "train.ckpt_every=0",
+    )
     Trainer(cfg, tmp_path).fit()
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0, "scalars": 0}).Reload()
     hist = set(acc.Tags()["histograms"])

@@ -46,8 +46,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ from torch import Tensor, nn
 
 from episodic.errors import EpisodicError, check
 
-__all__ = ["AugmentConfig", "BatchAugment", "affine", "multi_view", "pil_transform", "blur_kernel_size"]
+__all__ = ["AugmentConfig", "BatchAugment", "affine", "blur_kernel_size", "multi_view", "pil_transform"]
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 _N_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 times before its fallback
@@ -107,21 +108,24 @@ class AugmentConfig:
         self.scale = _pair(self.scale, "scale")
         self.ratio = _pair(self.ratio, "ratio")
         self.blur_sigma = _pair(self.blur_sigma, "blur_sigma")
-        check(isinstance(self.size, int) and self.size > 0,
-              f"augment.size must be a positive int, got {self.size!r}")
-        check(0 < self.scale[0] <= self.scale[1],
-              f"augment.scale must satisfy 0 < low <= high, got {self.scale}")
-        check(0 < self.ratio[0] <= self.ratio[1],
-              f"augment.ratio must satisfy 0 < low <= high, got {self.ratio}")
-        check(0 < self.blur_sigma[0] <= self.blur_sigma[1],
-              f"augment.blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
-        check(self.interpolation in ("bicubic", "bilinear"),
-              f"augment.interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
+        check(isinstance(self.size, int) and self.size > 0, f"augment.size must be a positive int, got {self.size!r}")
+        check(0 < self.scale[0] <= self.scale[1], f"augment.scale must satisfy 0 < low <= high, got {self.scale}")
+        check(0 < self.ratio[0] <= self.ratio[1], f"augment.ratio must satisfy 0 < low <= high, got {self.ratio}")
+        check(
+            0 < self.blur_sigma[0] <= self.blur_sigma[1],
+            f"augment.blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}",
+        )
+        check(
+            self.interpolation in ("bicubic", "bilinear"),
+            f"augment.interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}",
+        )
         for name in ("degrees", "shear", "translate"):
             check(getattr(self, name) >= 0, f"augment.{name} must be >= 0, got {getattr(self, name)!r}")
-        check(self.shear < 90 and self.translate <= 1,
-              f"augment.shear must be below 90 degrees and augment.translate at most 1 (a fraction of the "
-              f"side), got {self.shear!r}, {self.translate!r}")
+        check(
+            self.shear < 90 and self.translate <= 1,
+            f"augment.shear must be below 90 degrees and augment.translate at most 1 (a fraction of the "
+            f"side), got {self.shear!r}, {self.translate!r}",
+        )
         for name in ("hflip", "jitter_p", "gray_p", "blur_p", "solarize_p", "affine_p"):
             p = getattr(self, name)
             check(0.0 <= p <= 1.0, f"augment.{name} is a probability in [0, 1], got {p!r}")
@@ -129,21 +133,25 @@ class AugmentConfig:
             check(getattr(self, name) >= 0, f"augment.{name} must be >= 0, got {getattr(self, name)!r}")
         check(0.0 <= self.hue <= 0.5, f"augment.hue must be in [0, 0.5], got {self.hue!r}")
         if self.blur_kernel is not None:
-            check(isinstance(self.blur_kernel, int) and self.blur_kernel > 0 and self.blur_kernel % 2 == 1
-                  and self.blur_kernel // 2 < self.size,
-                  "augment.blur_kernel must be a positive odd int below 2 * size, or null; "
-                  f"got {self.blur_kernel!r}")
-        check((self.mean is None) == (self.std is None),
-              "augment.mean and augment.std must be given together")
-        if self.mean is not None:
+            check(
+                isinstance(self.blur_kernel, int)
+                and self.blur_kernel > 0
+                and self.blur_kernel % 2 == 1
+                and self.blur_kernel // 2 < self.size,
+                f"augment.blur_kernel must be a positive odd int below 2 * size, or null; got {self.blur_kernel!r}",
+            )
+        check((self.mean is None) == (self.std is None), "augment.mean and augment.std must be given together")
+        if self.mean is not None and self.std is not None:
             self.mean = tuple(float(m) for m in self.mean)
-            self.std = tuple(float(s) for s in self.std)  # type: ignore[union-attr]
-            check(len(self.mean) == len(self.std) and len(self.mean) in (1, 3),
-                  f"augment.mean/std must have 1 or 3 equal-length entries, got {self.mean}, {self.std}")
+            self.std = tuple(float(s) for s in self.std)
+            check(
+                len(self.mean) == len(self.std) and len(self.mean) in (1, 3),
+                f"augment.mean/std must have 1 or 3 equal-length entries, got {self.mean}, {self.std}",
+            )
             check(all(s > 0 for s in self.std), f"augment.std must be positive, got {self.std}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "AugmentConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> AugmentConfig:
         """Build from a plain or Hydra/OmegaConf mapping (the ``augment: {...}`` YAML block)."""
         d = dict(d or {})
         allowed = [f.name for f in dataclasses.fields(cls)]
@@ -155,10 +163,11 @@ class AugmentConfig:
         return cls(**d)
 
     @classmethod
-    def simclr(cls, size: int = 32, s: float = 0.5, blur_p: float = 0.0, **overrides: Any) -> "AugmentConfig":
+    def simclr(cls, size: int = 32, s: float = 0.5, blur_p: float = 0.0, **overrides: Any) -> AugmentConfig:
         """The SimCLR recipe at strength ``s`` (0.5 CIFAR; 1.0 and ``blur_p=0.5`` for ImageNet)."""
-        base = dict(size=size, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
-                    blur_p=blur_p)
+        base: dict[str, Any] = dict(
+            size=size, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s, blur_p=blur_p
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -188,8 +197,9 @@ def _bilinear(t: Tensor) -> Tensor:
 _FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
 
 
-def _resample_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int, kind: str,
-                     flip: Tensor | None = None) -> Tensor:
+def _resample_matrix(
+    start: Tensor, length: Tensor, in_size: int, out_size: int, kind: str, flip: Tensor | None = None
+) -> Tensor:
     """Per-sample ``[B, out_size, in_size]`` weights mapping pixels ``start .. start+length-1`` to
     ``out_size`` outputs with PIL's convolution resampling: support widened by the scale when
     shrinking (antialias), taps outside the crop dropped and the rest renormalised. ``flip``
@@ -225,8 +235,7 @@ def _resample_table(in_size: int, out_size: int, kind: str, device: torch.device
     return table.view(2 * (in_size + 1), out_size, 2 * in_size)
 
 
-def _crop_weights(start: Tensor, length: Tensor, flip: Tensor, in_size: int, out_size: int,
-                  kind: str) -> Tensor:
+def _crop_weights(start: Tensor, length: Tensor, flip: Tensor, in_size: int, out_size: int, kind: str) -> Tensor:
     """``_resample_matrix`` for a batch, read from the cached table when it is small enough."""
     if 2 * (in_size + 1) * out_size * 2 * in_size > _TABLE_MAX_ELEMENTS:
         return _resample_matrix(start, length, in_size, out_size, kind, flip)
@@ -335,8 +344,9 @@ class BatchAugment(nn.Module):
 
     # -- parameters ------------------------------------------------------------------------------
 
-    def sample_params(self, batch: int, height: int, width: int,
-                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def sample_params(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """Draw every per-sample parameter on the CPU, in a fixed order.
 
         Returns CPU tensors of length ``batch``: crop ``top``/``left``/``height``/``width`` (int64),
@@ -346,9 +356,11 @@ class BatchAugment(nn.Module):
         hue per sample) and ``sigma`` (float).
         """
         cfg = self.cfg
-        check(generator is None or generator.device.type == "cpu",
-              f"BatchAugment draws its parameters on the CPU: pass a CPU torch.Generator, "
-              f"got one on {generator.device if generator is not None else None}")
+        check(
+            generator is None or generator.device.type == "cpu",
+            f"BatchAugment draws its parameters on the CPU: pass a CPU torch.Generator, "
+            f"got one on {generator.device if generator is not None else None}",
+        )
         B, H, W = int(batch), int(height), int(width)
 
         def rand(*shape: int) -> Tensor:
@@ -368,9 +380,9 @@ class BatchAugment(nn.Module):
         u_top, u_left = rand(B), rand(B)
         in_ratio = W / H
         if in_ratio < cfg.ratio[0]:
-            fw, fh = W, int(round(W / cfg.ratio[0]))
+            fw, fh = W, round(W / cfg.ratio[0])
         elif in_ratio > cfg.ratio[1]:
-            fw, fh = int(round(H * cfg.ratio[1])), H
+            fw, fh = round(H * cfg.ratio[1]), H
         else:
             fw, fh = W, H
         cw = torch.where(found, cw.gather(1, first).squeeze(1), torch.full((B,), fw))
@@ -403,8 +415,21 @@ class BatchAugment(nn.Module):
             extra["shear"] = (cfg.shear * (2.0 * rand(B) - 1.0)).float()
             extra["shift"] = (cfg.translate * (2.0 * rand(B, 2) - 1.0)).float()
 
-        return dict(top=top, left=left, height=ch, width=cw, flip=flip, jitter=jitter, order=order,
-                    gray=gray, blur=blur, sigma=sigma, solarize=solarize, **factors, **extra)
+        return dict(
+            top=top,
+            left=left,
+            height=ch,
+            width=cw,
+            flip=flip,
+            jitter=jitter,
+            order=order,
+            gray=gray,
+            blur=blur,
+            sigma=sigma,
+            solarize=solarize,
+            **factors,
+            **extra,
+        )
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -434,8 +459,11 @@ class BatchAugment(nn.Module):
             out.index_copy_(0, at, affine(out.index_select(0, at), p["angle"][idx], p["shear"][idx], p["shift"][idx]))
 
         # Colour jitter: at step k, op j runs on the samples whose permutation has j at position k.
-        active = [j for j, name in enumerate(_JITTER_OPS)
-                  if getattr(cfg, name) > 0 and not (C == 1 and name in ("saturation", "hue"))]
+        active = [
+            j
+            for j, name in enumerate(_JITTER_OPS)
+            if getattr(cfg, name) > 0 and not (C == 1 and name in ("saturation", "hue"))
+        ]
         if active and bool(p["jitter"].any()):
             fac = torch.stack([p[name] for name in _JITTER_OPS], 1).to(dev)
             for k in range(4):
@@ -491,8 +519,7 @@ def affine(img: Tensor, angle: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def multi_view(aug: BatchAugment, x: Tensor, n_views: int,
-               generator: torch.Generator | None = None) -> Tensor:
+def multi_view(aug: BatchAugment, x: Tensor, n_views: int, generator: torch.Generator | None = None) -> Tensor:
     """``n_views`` independent augmentations of the batch ``x``: ``[n_views, B, C, size, size]``,
     view-major (view ``v`` of image ``b`` is ``out[v, b]``). Runs as one batch of ``n_views * B``."""
     check(isinstance(n_views, int) and n_views >= 1, f"n_views must be a positive int, got {n_views!r}")
@@ -514,8 +541,9 @@ def pil_transform(cfg: AugmentConfig | None = None) -> Callable[[Any], Tensor]:
 
     cfg = cfg if cfg is not None else AugmentConfig()
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
-    steps: list[Any] = [T.RandomResizedCrop(cfg.size, scale=cfg.scale, ratio=cfg.ratio,
-                                            interpolation=interp[cfg.interpolation])]
+    steps: list[Any] = [
+        T.RandomResizedCrop(cfg.size, scale=cfg.scale, ratio=cfg.ratio, interpolation=interp[cfg.interpolation])
+    ]
     if cfg.hflip > 0:
         steps.append(T.RandomHorizontalFlip(cfg.hflip))
     if cfg.affine_p > 0:

@@ -18,11 +18,11 @@ Formats read here (the real on-disk formats, no download needed when the files a
 
 from __future__ import annotations
 
-import importlib
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,10 +46,10 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def select(self, index: Tensor) -> "ArrayDataset":
+    def select(self, index: Tensor) -> ArrayDataset:
         return ArrayDataset(self.images[index], self.labels[index], self.classes)
 
-    def with_classes(self, keep: Sequence[int] | None) -> "ArrayDataset":
+    def with_classes(self, keep: Sequence[int] | None) -> ArrayDataset:
         """The images whose label is in ``keep`` (all of them for ``None``); labels are kept as is."""
         if keep is None:
             return self
@@ -59,9 +59,10 @@ class ArrayDataset:
         return self.select(mask.nonzero().squeeze(1))
 
     @staticmethod
-    def concat(parts: Sequence["ArrayDataset"]) -> "ArrayDataset":
-        return ArrayDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
-                            parts[0].classes)
+    def concat(parts: Sequence[ArrayDataset]) -> ArrayDataset:
+        return ArrayDataset(
+            torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), parts[0].classes
+        )
 
 
 @dataclass
@@ -76,14 +77,17 @@ def from_nhwc(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) ->
     if x.ndim == 3:
         x = x.unsqueeze(-1)
     check(x.dtype == torch.uint8 and x.ndim == 4, f"images must be uint8 NHWC, got {x.dtype} {tuple(x.shape)}")
-    return ArrayDataset(x.permute(0, 3, 1, 2).contiguous(), torch.as_tensor(labels, dtype=torch.long),
-                        [str(c) for c in classes])
+    return ArrayDataset(
+        x.permute(0, 3, 1, 2).contiguous(), torch.as_tensor(labels, dtype=torch.long), [str(c) for c in classes]
+    )
 
 
 def check_size(size: int | None, key: str = "data.params.image_size", low: int = 1) -> None:
     """An image size parameter: null (keep the files' size) or an integer >= ``low``."""
-    check(size is None or (isinstance(size, int) and size >= low),
-          f"{key}={size!r} is not allowed; use null or an integer >= {low}")
+    check(
+        size is None or (isinstance(size, int) and size >= low),
+        f"{key}={size!r} is not allowed; use null or an integer >= {low}",
+    )
 
 
 def resize_uint8(images: Tensor, size: int | None) -> Tensor:
@@ -96,16 +100,20 @@ def resize_uint8(images: Tensor, size: int | None) -> Tensor:
 
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
-        raise EpisodicError(f"{what} not found at '{path}'; set data.root to the folder that holds it "
-                            f"(or data.download=true where the dataset supports it)")
+        raise EpisodicError(
+            f"{what} not found at '{path}'; set data.root to the folder that holds it "
+            f"(or data.download=true where the dataset supports it)"
+        )
     return path
 
 
 @DATASETS.register("digits")
 def digits(image_size: int = 32) -> Splits:
     """scikit-learn's digits: 1,797 8x8 images (0..16) -> uint8, upsampled; fixed 70/30 split."""
-    check(isinstance(image_size, int) and image_size >= 8,
-          f"data.params.image_size={image_size!r} is not allowed; use an integer >= 8 (the digits are 8x8)")
+    check(
+        isinstance(image_size, int) and image_size >= 8,
+        f"data.params.image_size={image_size!r} is not allowed; use an integer >= 8 (the digits are 8x8)",
+    )
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -139,8 +147,10 @@ def npz(train: str, test: str, image_size: int | None = None, root: str | None =
     check_size(image_size)
     base = Path(root).expanduser() if root else Path(".")
     tr, te = load_npz(base / train), load_npz(base / test)
-    return Splits(ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, tr.classes),
-                  ArrayDataset(resize_uint8(te.images, image_size), te.labels, te.classes))
+    return Splits(
+        ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, tr.classes),
+        ArrayDataset(resize_uint8(te.images, image_size), te.labels, te.classes),
+    )
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
@@ -149,8 +159,17 @@ def _unpickle(path: Path) -> dict[str, Any]:
     return d
 
 
-def _cifar(root: str, folder: str, train_files: list[str], test_files: list[str], meta: str, key: str,
-           names_key: str, download: bool, tv_class: str) -> Splits:
+def _cifar(
+    root: str,
+    folder: str,
+    train_files: list[str],
+    test_files: list[str],
+    meta: str,
+    key: str,
+    names_key: str,
+    download: bool,
+    tv_class: str,
+) -> Splits:
     base = Path(root).expanduser()
     if download and not (base / folder).exists():
         import torchvision
@@ -171,15 +190,25 @@ def _cifar(root: str, folder: str, train_files: list[str], test_files: list[str]
 @DATASETS.register("cifar10")
 def cifar10(root: str = "data", download: bool = False) -> Splits:
     """CIFAR-10 from ``root/cifar-10-batches-py`` (50,000 / 10,000 images)."""
-    return _cifar(root, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                  "batches.meta", "labels", "label_names", download, "CIFAR10")
+    return _cifar(
+        root,
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "labels",
+        "label_names",
+        download,
+        "CIFAR10",
+    )
 
 
 @DATASETS.register("cifar100")
 def cifar100(root: str = "data", download: bool = False) -> Splits:
     """CIFAR-100 (fine labels) from ``root/cifar-100-python``."""
-    return _cifar(root, "cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names",
-                  download, "CIFAR100")
+    return _cifar(
+        root, "cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names", download, "CIFAR100"
+    )
 
 
 def read_stl10(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -194,8 +223,7 @@ def read_stl10(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("stl10")
-def stl10(root: str = "data", download: bool = False, image_size: int | None = None,
-          unlabeled: bool = True) -> Splits:
+def stl10(root: str = "data", download: bool = False, image_size: int | None = None, unlabeled: bool = True) -> Splits:
     """STL-10 from ``root/stl10_binary``; ``train`` = labeled train (+ the 100k unlabeled split)."""
     check_size(image_size)
     base = Path(root).expanduser()
@@ -212,8 +240,10 @@ def stl10(root: str = "data", download: bool = False, image_size: int | None = N
         xtr, ytr = np.concatenate([xtr, xu]), np.concatenate([ytr, yu])
     xte, yte = read_stl10(base, "test")
     tr, te = from_nhwc(xtr, ytr, names), from_nhwc(xte, yte, names)
-    return Splits(ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, names),
-                  ArrayDataset(resize_uint8(te.images, image_size), te.labels, names))
+    return Splits(
+        ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, names),
+        ArrayDataset(resize_uint8(te.images, image_size), te.labels, names),
+    )
 
 
 @DATASETS.register("imagefolder")
@@ -227,8 +257,10 @@ def imagefolder(root: str, image_size: int = 32, channels: int = 3) -> Splits:
     def read(split: str) -> ArrayDataset:
         folder = ImageFolder(str(_need(Path(root).expanduser() / split, f"image folder '{split}'")))
         mode = "L" if channels == 1 else "RGB"
-        xs = [np.asarray(Image.open(p).convert(mode).resize((image_size, image_size), Image.BILINEAR))
-              for p, _ in folder.samples]
+        xs = [
+            np.asarray(Image.open(p).convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR))
+            for p, _ in folder.samples
+        ]
         return from_nhwc(np.stack(xs), np.asarray(folder.targets), folder.classes)
 
     return Splits(read("train"), read("test"))

@@ -35,9 +35,10 @@ import contextlib
 import importlib
 import io
 import pickle
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,18 @@ import torch
 from episodic.data.datasets import DATASETS, ArrayDataset, Splits, from_nhwc, load_npz, resize_uint8
 from episodic.errors import EpisodicError, check
 
-__all__ = ["CIFAR100_SUPERCLASSES", "CIFAR_FS_SPLITS", "FC100_SUPERCLASS_SPLITS", "fc100_splits", "class_order",
-           "relabel", "cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet"]
+__all__ = [
+    "CIFAR100_SUPERCLASSES",
+    "CIFAR_FS_SPLITS",
+    "FC100_SUPERCLASS_SPLITS",
+    "cifar_fs",
+    "class_order",
+    "fc100",
+    "fc100_splits",
+    "mini_imagenet",
+    "relabel",
+    "tiered_imagenet",
+]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -74,16 +85,54 @@ CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
     "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
 }
 
-_CIFAR_FS_VAL = ("beaver", "otter", "flatfish", "shark", "lamp", "television", "beetle", "butterfly", "sea",
-                 "camel", "cattle", "crab", "crocodile", "maple_tree", "motorcycle", "tractor")
-_CIFAR_FS_TEST = ("whale", "poppy", "rose", "sweet_pepper", "telephone", "bed", "table", "wardrobe", "leopard",
-                  "plain", "chimpanzee", "fox", "snail", "worm", "baby", "man", "woman", "bicycle", "pickup_truck",
-                  "rocket")
+_CIFAR_FS_VAL = (
+    "beaver",
+    "otter",
+    "flatfish",
+    "shark",
+    "lamp",
+    "television",
+    "beetle",
+    "butterfly",
+    "sea",
+    "camel",
+    "cattle",
+    "crab",
+    "crocodile",
+    "maple_tree",
+    "motorcycle",
+    "tractor",
+)
+_CIFAR_FS_TEST = (
+    "whale",
+    "poppy",
+    "rose",
+    "sweet_pepper",
+    "telephone",
+    "bed",
+    "table",
+    "wardrobe",
+    "leopard",
+    "plain",
+    "chimpanzee",
+    "fox",
+    "snail",
+    "worm",
+    "baby",
+    "man",
+    "woman",
+    "bicycle",
+    "pickup_truck",
+    "rocket",
+)
 
 #: CIFAR-FS classes per split (Bertinetto et al., 2019), each in CIFAR-100's alphabetical order.
 CIFAR_FS_SPLITS: dict[str, tuple[str, ...]] = {
-    "train": tuple(sorted(c for cs in CIFAR100_SUPERCLASSES.values() for c in cs
-                          if c not in _CIFAR_FS_VAL and c not in _CIFAR_FS_TEST)),
+    "train": tuple(
+        sorted(
+            c for cs in CIFAR100_SUPERCLASSES.values() for c in cs if c not in _CIFAR_FS_VAL and c not in _CIFAR_FS_TEST
+        )
+    ),
     "val": tuple(sorted(_CIFAR_FS_VAL)),
     "test": tuple(sorted(_CIFAR_FS_TEST)),
 }
@@ -91,9 +140,20 @@ CIFAR_FS_SPLITS: dict[str, tuple[str, ...]] = {
 #: FC100 superclasses per split (Oreshkin et al., 2018; coarse labels {1,2,3,4,5,6,9,10,15,17,18,19} /
 #: {8,11,13,16} / {0,7,12,14}).
 FC100_SUPERCLASS_SPLITS: dict[str, tuple[str, ...]] = {
-    "train": ("fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
-              "household_furniture", "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "reptiles",
-              "trees", "vehicles_1", "vehicles_2"),
+    "train": (
+        "fish",
+        "flowers",
+        "food_containers",
+        "fruit_and_vegetables",
+        "household_electrical_devices",
+        "household_furniture",
+        "large_man-made_outdoor_things",
+        "large_natural_outdoor_scenes",
+        "reptiles",
+        "trees",
+        "vehicles_1",
+        "vehicles_2",
+    ),
     "val": ("large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals"),
     "test": ("aquatic_mammals", "insects", "medium_mammals", "people"),
 }
@@ -104,7 +164,7 @@ def fc100_splits() -> dict[str, tuple[str, ...]]:
     return {s: tuple(c for sc in FC100_SUPERCLASS_SPLITS[s] for c in CIFAR100_SUPERCLASSES[sc]) for s in SPLIT_NAMES}
 
 
-def class_order(splits: dict[str, Sequence[str]]) -> list[str]:
+def class_order(splits: Mapping[str, Sequence[str]]) -> list[str]:
     """One class list: meta-train classes, then meta-val, then meta-test."""
     order = [c for s in SPLIT_NAMES for c in splits[s]]
     check(len(set(order)) == len(order), "a class is listed in more than one split")
@@ -115,8 +175,11 @@ def relabel(data: ArrayDataset, order: Sequence[str], what: str) -> ArrayDataset
     """Keep the images whose class is in ``order`` and relabel them ``order.index(class)``."""
     have = {name: i for i, name in enumerate(data.classes)}
     missing = [c for c in order if c not in have]
-    check(not missing, f"{what}: classes {missing[:5]}{' ...' if len(missing) > 5 else ''} are not in the "
-                       f"source's class names (expected CIFAR-100 fine label names such as 'apple')")
+    check(
+        not missing,
+        f"{what}: classes {missing[:5]}{' ...' if len(missing) > 5 else ''} are not in the "
+        f"source's class names (expected CIFAR-100 fine label names such as 'apple')",
+    )
     lut = torch.full((len(data.classes),), -1, dtype=torch.long)
     for new, name in enumerate(order):
         lut[have[name]] = new
@@ -128,31 +191,40 @@ def relabel(data: ArrayDataset, order: Sequence[str], what: str) -> ArrayDataset
 def _cifar100_source(root: str, download: bool, train_npz: str | None, test_npz: str | None) -> Splits:
     """CIFAR-100 with fine labels: two ``.npz`` files (relative to ``root``) or the pickle folder."""
     if train_npz or test_npz:
-        check(bool(train_npz) and bool(test_npz), "give both train_npz and test_npz (or neither)")
+        if not (train_npz and test_npz):
+            raise EpisodicError("give both data.params.train_npz and data.params.test_npz (or neither)")
         base = Path(root).expanduser()
-        return Splits(load_npz(base / train_npz), load_npz(base / test_npz))  # type: ignore[operator]
+        return Splits(load_npz(base / train_npz), load_npz(base / test_npz))
     from episodic.data.datasets import cifar100
 
     return cifar100(root=root, download=download)
 
 
-def _cifar_split(name: str, splits: dict[str, Sequence[str]], root: str, download: bool,
-                 train_npz: str | None, test_npz: str | None) -> Splits:
+def _cifar_split(
+    name: str,
+    splits: Mapping[str, Sequence[str]],
+    root: str,
+    download: bool,
+    train_npz: str | None,
+    test_npz: str | None,
+) -> Splits:
     src = _cifar100_source(root, download, train_npz, test_npz)
     order = class_order(splits)
     return Splits(relabel(src.train, order, name), relabel(src.test, order, name))
 
 
 @DATASETS.register("cifar_fs")
-def cifar_fs(root: str = "data", download: bool = False, train_npz: str | None = None,
-             test_npz: str | None = None) -> Splits:
+def cifar_fs(
+    root: str = "data", download: bool = False, train_npz: str | None = None, test_npz: str | None = None
+) -> Splits:
     """CIFAR-FS: classes 0-63 meta-train, 64-79 meta-val, 80-99 meta-test; CIFAR-100's train/test images."""
     return _cifar_split("cifar_fs", CIFAR_FS_SPLITS, root, download, train_npz, test_npz)
 
 
 @DATASETS.register("fc100")
-def fc100(root: str = "data", download: bool = False, train_npz: str | None = None,
-          test_npz: str | None = None) -> Splits:
+def fc100(
+    root: str = "data", download: bool = False, train_npz: str | None = None, test_npz: str | None = None
+) -> Splits:
     """FC100: classes 0-59 meta-train, 60-79 meta-val, 80-99 meta-test; CIFAR-100's train/test images."""
     return _cifar_split("fc100", fc100_splits(), root, download, train_npz, test_npz)
 
@@ -171,15 +243,19 @@ def _learn2learn_datasets(what: str) -> Any:
         with contextlib.redirect_stderr(io.StringIO()):
             return importlib.import_module("learn2learn.vision.datasets")
     except ImportError as e:
-        raise EpisodicError(f"{what} is read with learn2learn, which is not installed ({e}); install it with "
-                            f"'pip install learn2learn' (or scripts/install_learn2learn.sh on Python 3.11+)") from None
+        raise EpisodicError(
+            f"{what} is read with learn2learn, which is not installed ({e}); install it with "
+            f"'pip install learn2learn' (or scripts/install_learn2learn.sh on Python 3.11+)"
+        ) from None
 
 
 def _need_files(paths: Sequence[Path], what: str, layout: str) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise EpisodicError(f"{what} file not found at '{missing[0]}'; set data.params.root to the folder that "
-                            f"holds {layout} (learn2learn's format)")
+        raise EpisodicError(
+            f"{what} file not found at '{missing[0]}'; set data.params.root to the folder that "
+            f"holds {layout} (learn2learn's format)"
+        )
 
 
 def holdout_split(labels: np.ndarray, holdout: float) -> tuple[np.ndarray, np.ndarray]:
@@ -189,16 +265,17 @@ def holdout_split(labels: np.ndarray, holdout: float) -> tuple[np.ndarray, np.nd
     test_mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        k = min(len(idx) - 1, max(1, int(round(holdout * len(idx))))) if len(idx) > 1 else 0
+        k = min(len(idx) - 1, max(1, round(holdout * len(idx)))) if len(idx) > 1 else 0
         if k:
             test_mask[idx[len(idx) - k :]] = True
     return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
 
 
-def _assemble(parts: list[tuple[np.ndarray, np.ndarray, list[str]]], holdout: float,
-              image_size: int | None) -> Splits:
+def _assemble(parts: list[tuple[np.ndarray, np.ndarray, list[str]]], holdout: float, image_size: int | None) -> Splits:
     """Stack per-mode ``(images NHWC, labels 0..K-1, names)`` with offsets, then divide per class."""
-    images, labels, names = [], [], []
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    names: list[str] = []
     for x, y, n in parts:
         labels.append(np.asarray(y, dtype=np.int64) + len(names))
         images.append(x)
@@ -239,13 +316,16 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 @DATASETS.register("tiered_imagenet")
-def tiered_imagenet(root: str = "data", holdout: float = 1 / 6, image_size: int | None = None,
-                    decode_threads: int = 4) -> Splits:
+def tiered_imagenet(
+    root: str = "data", holdout: float = 1 / 6, image_size: int | None = None, decode_threads: int = 4
+) -> Splits:
     """tiered-ImageNet through ``learn2learn.vision.datasets.TieredImagenet`` (608 classes, 84x84 PNGs
     decoded once into memory: about 16.5 GB for the three splits)."""
     base = Path(root).expanduser()
     short = {"train": "train", "validation": "val", "test": "test"}
-    files = [base / "tiered-imagenet" / f"{short[m]}_{kind}.pkl" for m in _L2L_MODES for kind in ("images_png", "labels")]
+    files = [
+        base / "tiered-imagenet" / f"{short[m]}_{kind}.pkl" for m in _L2L_MODES for kind in ("images_png", "labels")
+    ]
     _need_files(files, "tiered-ImageNet", "tiered-imagenet/{train,val,test}_{images_png,labels}.pkl")
     l2l = _learn2learn_datasets("tiered-ImageNet")
     parts = []

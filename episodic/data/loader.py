@@ -23,7 +23,8 @@ one item is one whole batch (a single tensor index, no per-image collation).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view, pil_transform
 from episodic.errors import check
 
-__all__ = ["MODES", "BatchLoader", "EpochBatchSampler", "BatchFetcher", "batch_indices", "batch_seed", "epoch_order"]
+__all__ = ["MODES", "BatchFetcher", "BatchLoader", "EpochBatchSampler", "batch_indices", "batch_seed", "epoch_order"]
 
 MODES = ("device", "worker", "pil")
 
@@ -64,12 +65,17 @@ def batch_seed(seed: int, rank: int, step: int) -> int:
 class EpochBatchSampler(Sampler):
     """Yields ``(step, indices)`` for the batches of one epoch, from ``start`` (set by :meth:`set_epoch`)."""
 
-    def __init__(self, n: int, batch_size: int, order: Callable[[int], Tensor], rank: int = 0,
-                 world_size: int = 1) -> None:
-        check(batch_size >= 1 and n // batch_size >= 1,
-              f"batch_size={batch_size} is larger than the {n} training images; use a smaller batch")
-        check(batch_size % world_size == 0,
-              f"batch_size={batch_size} is not divisible by the {world_size} processes; use a multiple")
+    def __init__(
+        self, n: int, batch_size: int, order: Callable[[int], Tensor], rank: int = 0, world_size: int = 1
+    ) -> None:
+        check(
+            batch_size >= 1 and n // batch_size >= 1,
+            f"batch_size={batch_size} is larger than the {n} training images; use a smaller batch",
+        )
+        check(
+            batch_size % world_size == 0,
+            f"batch_size={batch_size} is not divisible by the {world_size} processes; use a multiple",
+        )
         check(0 <= rank < world_size, f"rank={rank} is outside 0..{world_size - 1}")
         self.n, self.batch_size, self.order = n, batch_size, order
         self.rank, self.world_size = rank, world_size
@@ -93,8 +99,15 @@ class EpochBatchSampler(Sampler):
 class BatchFetcher(Dataset):
     """``fetcher[(step, indices)]`` -> one batch: uint8 images (``device``) or float views."""
 
-    def __init__(self, images: Tensor, mode: str = "device", augment: AugmentConfig | None = None,
-                 n_views: int = 2, seed: int = 0, rank: int = 0) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        mode: str = "device",
+        augment: AugmentConfig | None = None,
+        n_views: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
         check(mode in MODES, f"loader.augment={mode!r} is not allowed; use one of {', '.join(MODES)}")
         self.images, self.mode, self.n_views, self.seed, self.rank = images, mode, n_views, seed, rank
         self.augment = BatchAugment(augment) if mode == "worker" else None
@@ -109,12 +122,14 @@ class BatchFetcher(Dataset):
         if self.mode == "device":
             return x
         seed = batch_seed(self.seed, self.rank, step)
-        if self.mode == "worker":
+        if self.augment is not None:  # mode "worker"
             return multi_view(self.augment, x, self.n_views, torch.Generator().manual_seed(seed))
         return self._pil_views(x, seed)
 
     def _pil_views(self, x: Tensor, seed: int) -> Tensor:
         from PIL import Image
+
+        assert self.pil is not None  # mode "pil"
 
         arrays = x.permute(0, 2, 3, 1).numpy()
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global torch RNG
@@ -122,7 +137,7 @@ class BatchFetcher(Dataset):
             out = []
             for _ in range(self.n_views):
                 imgs = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
-                out.append(torch.stack([self.pil(im) for im in imgs]))  # type: ignore[misc]
+                out.append(torch.stack([self.pil(im) for im in imgs]))
         return torch.stack(out)
 
 
@@ -142,10 +157,24 @@ class BatchLoader:
         (``persistent_workers``/``prefetch`` only matter with ``workers > 0``).
     """
 
-    def __init__(self, images: Tensor, batch_size: int, order: Callable[[int], Tensor], *, mode: str = "device",
-                 augment: AugmentConfig | None = None, n_views: int = 2, seed: int = 0, workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = True, prefetch: int = 2, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        batch_size: int,
+        order: Callable[[int], Tensor],
+        *,
+        mode: str = "device",
+        augment: AugmentConfig | None = None,
+        n_views: int = 2,
+        seed: int = 0,
+        workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ) -> None:
         check(isinstance(workers, int) and workers >= 0, f"loader.workers must be an int >= 0, got {workers!r}")
         check(isinstance(prefetch, int) and prefetch >= 1, f"loader.prefetch must be an int >= 1, got {prefetch!r}")
         self.sampler = EpochBatchSampler(len(images), batch_size, order, rank, world_size)
@@ -154,9 +183,16 @@ class BatchLoader:
         extra: dict[str, Any] = {}
         if workers > 0:
             extra = dict(persistent_workers=bool(persistent_workers), prefetch_factor=prefetch)
-        self.loader = DataLoader(self.fetcher, batch_size=None, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=pin_memory, collate_fn=_identity,
-                                 generator=torch.Generator().manual_seed(seed), **extra)  # not the global RNG
+        self.loader = DataLoader(
+            self.fetcher,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            collate_fn=_identity,  # type: ignore[arg-type]  # one item is a whole batch: nothing to collate
+            generator=torch.Generator().manual_seed(seed),
+            **extra,
+        )  # not the global RNG
         self.step = start_step
 
     @property

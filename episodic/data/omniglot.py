@@ -34,9 +34,9 @@ that the training augmentation crops from sharp strokes and resizes each crop do
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +45,15 @@ from torch import Tensor
 from episodic.data.datasets import DATASETS, ArrayDataset, Splits, load_npz, resize_uint8
 from episodic.errors import EpisodicError, check
 
-__all__ = ["SETS", "ROTATIONS", "Characters", "load_characters", "read_split_list", "character_images",
-           "omniglot"]
+__all__ = [
+    "ROTATIONS",
+    "SETS",
+    "Characters",
+    "character_images",
+    "load_characters",
+    "omniglot",
+    "read_split_list",
+]
 
 SETS = ("background", "evaluation")
 ROTATIONS = (0, 90, 180, 270)
@@ -69,8 +76,11 @@ class Characters:
 
     def select(self, names: Sequence[str], split_file: str) -> list[Tensor]:
         missing = [n for n in names if n not in self.index]
-        check(not missing, f"{len(missing)} characters of {split_file} are not in the Omniglot files, e.g. "
-                           f"{missing[:3]}; names must be '<Alphabet>/characterNN'")
+        check(
+            not missing,
+            f"{len(missing)} characters of {split_file} are not in the Omniglot files, e.g. "
+            f"{missing[:3]}; names must be '<Alphabet>/characterNN'",
+        )
         return [self.index[n] for n in names]
 
     def names(self, which: str) -> list[str]:
@@ -91,8 +101,11 @@ def _rows_by_class(labels: Tensor, classes: Sequence[str]) -> dict[str, Tensor]:
 
 def _read_npz_set(root: Path, which: str) -> tuple[Tensor, dict[str, Tensor]]:
     data = load_npz(root / f"omniglot_{which}.npz")
-    check(data.images.shape[1] == 1, f"{root / f'omniglot_{which}.npz'} holds {data.images.shape[1]}-channel "
-                                     f"images; Omniglot is grayscale (1 channel)")
+    check(
+        data.images.shape[1] == 1,
+        f"{root / f'omniglot_{which}.npz'} holds {data.images.shape[1]}-channel "
+        f"images; Omniglot is grayscale (1 channel)",
+    )
     return data.images, _rows_by_class(data.labels, data.classes)
 
 
@@ -134,9 +147,11 @@ def _detect_format(root: Path) -> str:
         return "npz"
     if all((root / f"images_{s}").is_dir() for s in SETS):
         return "folder"
-    raise EpisodicError(f"no Omniglot found in '{root}': expected omniglot_background.npz and "
-                        f"omniglot_evaluation.npz, or the folders images_background/ and images_evaluation/; "
-                        f"set data.params.root to the folder that holds them")
+    raise EpisodicError(
+        f"no Omniglot found in '{root}': expected omniglot_background.npz and "
+        f"omniglot_evaluation.npz, or the folders images_background/ and images_evaluation/; "
+        f"set data.params.root to the folder that holds them"
+    )
 
 
 def _resize(x: Tensor, size: int | None) -> Tensor:
@@ -148,8 +163,9 @@ def _resize(x: Tensor, size: int | None) -> Tensor:
     return out
 
 
-def load_characters(root: str | Path, fmt: str = "auto", image_size: int | None = 28,
-                    invert: bool = True) -> Characters:
+def load_characters(
+    root: str | Path, fmt: str = "auto", image_size: int | None = 28, invert: bool = True
+) -> Characters:
     """Every character of both Omniglot sets, inverted (``invert``) and resized to ``image_size``."""
     check(fmt in _FORMATS, f"data.params.format={fmt!r} is not allowed; use one of {', '.join(_FORMATS)}")
     base = Path(root).expanduser()
@@ -158,10 +174,15 @@ def load_characters(root: str | Path, fmt: str = "auto", image_size: int | None 
     if fmt == "folder":
         for s in SETS:
             if not (base / f"images_{s}").is_dir():
-                raise EpisodicError(f"Omniglot folder 'images_{s}' not found at '{base}'; set data.params.root "
-                                    f"to the folder that holds images_background/ and images_evaluation/")
+                raise EpisodicError(
+                    f"Omniglot folder 'images_{s}' not found at '{base}'; set data.params.root "
+                    f"to the folder that holds images_background/ and images_evaluation/"
+                )
     reader = _read_npz_set if fmt == "npz" else _read_folder_set
-    parts, index, set_of, offset = [], {}, {}, 0
+    parts: list[Tensor] = []
+    index: dict[str, Tensor] = {}
+    set_of: dict[str, str] = {}
+    offset = 0
     for s in SETS:
         x, rows = reader(base, s)
         both = set(rows) & set(index)
@@ -179,8 +200,10 @@ def read_split_list(path: str | Path) -> list[str]:
     """Character names, one per line; a ``/rotDDD`` suffix is dropped and repeats are kept once, in order."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise EpisodicError(f"Omniglot split list not found at '{p}'; set data.params.splits_dir to the folder "
-                            f"holding train.txt, val.txt and test.txt (or use data.params.split=lake)")
+        raise EpisodicError(
+            f"Omniglot split list not found at '{p}'; set data.params.splits_dir to the folder "
+            f"holding train.txt, val.txt and test.txt (or use data.params.split=lake)"
+        )
     names: list[str] = []
     seen: set[str] = set()
     for line in p.read_text().splitlines():
@@ -197,8 +220,14 @@ def read_split_list(path: str | Path) -> list[str]:
     return names
 
 
-def character_images(images: Tensor, rows: Sequence[Tensor], names: Sequence[str], rotations: bool,
-                     label_offset: int = 0, size: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
+def character_images(
+    images: Tensor,
+    rows: Sequence[Tensor],
+    names: Sequence[str],
+    rotations: bool,
+    label_offset: int = 0,
+    size: int | None = None,
+) -> tuple[Tensor, Tensor, list[str]]:
     """Images ``uint8 [N, 1, S, S]``, labels and class names of the characters whose drawings are ``rows``.
 
     The selected drawings are resized to ``size`` (``None``: as stored) before any rotation. Without
@@ -220,25 +249,36 @@ def character_images(images: Tensor, rows: Sequence[Tensor], names: Sequence[str
 
 
 @DATASETS.register("omniglot")
-def omniglot(root: str = "../shared/data", split: str = "vinyals", splits_dir: str | None = None,
-             eval_split: str = "test", image_size: int | None = 28, train_rotations: bool = False,
-             test_rotations: bool = True, invert: bool = True, format: str = "auto",
-             train_image_size: int | None = None) -> Splits:
+def omniglot(
+    root: str = "../shared/data",
+    split: str = "vinyals",
+    splits_dir: str | None = None,
+    eval_split: str = "test",
+    image_size: int | None = 28,
+    train_rotations: bool = False,
+    test_rotations: bool = True,
+    invert: bool = True,
+    format: str = "auto",
+    train_image_size: int | None = None,
+) -> Splits:
     """Omniglot as :class:`Splits`: ``train`` = training characters, ``test`` = ``eval_split`` characters.
 
     ``splits_dir`` defaults to ``root/omniglot_vinyals``. See the module docstring for every option.
     """
     check(split in _SPLITS, f"data.params.split={split!r} is not allowed; use one of {', '.join(_SPLITS)}")
     check(eval_split in ("test", "val"), f"data.params.eval_split={eval_split!r} is not allowed; use test or val")
-    check(image_size is None or (isinstance(image_size, int) and image_size >= 4),
-          f"data.params.image_size={image_size!r} is not allowed; use an integer >= 4 (28 in the literature)")
-    check(train_image_size is None or (isinstance(train_image_size, int) and train_image_size >= 4),
-          f"data.params.train_image_size={train_image_size!r} is not allowed; use null or an integer >= 4")
+    check(
+        image_size is None or (isinstance(image_size, int) and image_size >= 4),
+        f"data.params.image_size={image_size!r} is not allowed; use an integer >= 4 (28 in the literature)",
+    )
+    check(
+        train_image_size is None or (isinstance(train_image_size, int) and train_image_size >= 4),
+        f"data.params.train_image_size={train_image_size!r} is not allowed; use null or an integer >= 4",
+    )
     train_size = train_image_size or image_size
     chars = load_characters(root, format, image_size if train_size == image_size else None, invert)
     if split == "lake":
-        check(eval_split == "test",
-              "data.params.eval_split=val needs split=vinyals (the Lake split has no val set)")
+        check(eval_split == "test", "data.params.eval_split=val needs split=vinyals (the Lake split has no val set)")
         train_names, eval_names = chars.names("background"), chars.names("evaluation")
         train_rows, eval_rows = chars.select(train_names, "background"), chars.select(eval_names, "evaluation")
     else:

@@ -17,7 +17,8 @@ the classes allow) ends with one ``error: ...`` line and exit code 2.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -42,16 +43,29 @@ def evaluate(cfg: DictConfig, data_choice: str | None = None) -> dict[str, Any]:
 
     protocols = _protocols()
     name = cfg.eval.get("protocol")
-    check(name in protocols, f"eval={name or 'quick'} is not a protocol of python -m episodic.eval "
-                             f"(quick is the end-of-run evaluation of training); use eval={'|'.join(protocols)}")
+    check(
+        name in protocols,
+        f"eval={name or 'quick'} is not a protocol of python -m episodic.eval "
+        f"(quick is the end-of-run evaluation of training); use eval={'|'.join(protocols)}",
+    )
     ctx = build_context(cfg, data_choice)
     res = protocols[name](ctx, cfg.eval)
-    append_result(ctx.results_path, {
-        "protocol": name, "checkpoint": str(ctx.encoders.path), "step": ctx.encoders.step,
-        "backbone": ctx.encoders.backbone_name, "data": ctx.data_key,
-        "settings": OmegaConf.to_container(cfg.eval, resolve=True), "results": res})
-    title = (f"{name} evaluation of {ctx.encoders.backbone_name} at step {ctx.encoders.step} on {ctx.data_key} "
-             f"-> {ctx.results_path}")
+    append_result(
+        ctx.results_path,
+        {
+            "protocol": name,
+            "checkpoint": str(ctx.encoders.path),
+            "step": ctx.encoders.step,
+            "backbone": ctx.encoders.backbone_name,
+            "data": ctx.data_key,
+            "settings": OmegaConf.to_container(cfg.eval, resolve=True),
+            "results": res,
+        },
+    )
+    title = (
+        f"{name} evaluation of {ctx.encoders.backbone_name} at step {ctx.encoders.step} on {ctx.data_key} "
+        f"-> {ctx.results_path}"
+    )
     print(format_rows(result_rows(name, res), title))
     return res
 

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from episodic.config import as_dict
 from episodic.data.datasets import ArrayDataset, Splits, build_dataset
 from episodic.errors import check
 from episodic.eval.features import Encoders, get_split, load_encoders
@@ -55,17 +56,21 @@ def build_context(cfg: DictConfig, data_choice: str | None = None) -> EvalContex
     """Load checkpoint and data per the ``evaluate`` config (see the module docstring)."""
     from episodic.device import resolve_device
 
-    check(not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
-          "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)")
+    check(
+        not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
+        "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)",
+    )
     device = resolve_device(str(cfg.get("device", "auto")))
     enc = load_encoders(cfg.checkpoint, device, cfg.get("backbone"))
     own = enc.config.data
     data_cfg = cfg.data if cfg.get("data") is not None else own
-    check(int(data_cfg.channels) == int(own.channels),
-          f"data {data_cfg.name!r} has {data_cfg.channels}-channel images but checkpoint '{cfg.checkpoint}' "
-          f"was trained on {own.channels}-channel images ({own.name}); pick data with {own.channels} channels")
-    params = OmegaConf.to_container(data_cfg.get("params") or {}, resolve=True)
-    data = build_dataset(str(data_cfg.name), **params)  # type: ignore[arg-type]
+    check(
+        int(data_cfg.channels) == int(own.channels),
+        f"data {data_cfg.name!r} has {data_cfg.channels}-channel images but checkpoint '{cfg.checkpoint}' "
+        f"was trained on {own.channels}-channel images ({own.name}); pick data with {own.channels} channels",
+    )
+    params = as_dict(data_cfg.get("params"))
+    data = build_dataset(str(data_cfg.name), **params)
     results = Path(cfg.results) if cfg.get("results") else enc.run_dir / "results.json"
     cache = results.parent / "eval_cache" if cfg.eval.get("cache", True) else None
     key = data_choice if data_choice else str(data_cfg.name)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from episodic import checkpoint
+from episodic.config import as_dict
 from episodic.data.datasets import ArrayDataset, Splits
 from episodic.errors import EpisodicError, check
 
@@ -30,9 +31,14 @@ BACKBONE_PREFIX = "method.encoder.backbone."
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: Tensor, batch_size: int = 512,
-                     device: str | torch.device = "cpu", mean: list[float] | None = None,
-                     std: list[float] | None = None) -> Tensor:
+def extract_features(
+    backbone: nn.Module,
+    images: Tensor,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> Tensor:
     """Backbone features ``[N, d]`` of uint8 ``images [N, C, H, W]`` (pixels scaled to [0, 1])."""
     was_training = backbone.training
     backbone.eval()
@@ -64,9 +70,15 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_features(backbone: nn.Module, images: Tensor, cache_dir: str | Path | None,
-                    device: str | torch.device = "cpu", mean: list[float] | None = None,
-                    std: list[float] | None = None, batch_size: int = 512) -> Tensor:
+def cached_features(
+    backbone: nn.Module,
+    images: Tensor,
+    cache_dir: str | Path | None,
+    device: str | torch.device = "cpu",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    batch_size: int = 512,
+) -> Tensor:
     """:func:`extract_features`, read from / written to ``cache_dir`` (no cache for ``None``).
 
     The file name hashes the backbone's weights and buffers, the images and the normalisation, so a
@@ -79,7 +91,7 @@ def cached_features(backbone: nn.Module, images: Tensor, cache_dir: str | Path |
     if path.is_file():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
+        except Exception:
             pass
     feats = extract_features(backbone, images, batch_size, device, mean, std)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,10 +118,12 @@ def get_split(data: Splits, name: str, data_name: str = "this dataset") -> Array
     if name == "both":
         return ArrayDataset.concat([data.train, data.test])
     ds = getattr(data, name, None) if name in names else None
-    check(ds is not None and len(ds) > 0,
-          f"data {data_name!r} has no {'non-empty ' if name in names else ''}split {name!r}; "
-          f"allowed: {', '.join(n for n in names if len(getattr(data, n)) > 0)}, both")
-    return ds  # type: ignore[return-value]
+    if ds is None or len(ds) == 0:
+        raise EpisodicError(
+            f"data {data_name!r} has no {'non-empty ' if name in names else ''}split {name!r}; "
+            f"allowed: {', '.join(n for n in names if len(getattr(data, n)) > 0)}, both"
+        )
+    return ds
 
 
 @dataclass
@@ -137,21 +151,19 @@ def backbone_state(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The backbone's entries of a model state dict, prefix removed (``module.`` wrappers too)."""
     out = {}
     for k, v in model_state.items():
-        k = k[len("module."):] if k.startswith("module.") else k
+        k = k[len("module.") :] if k.startswith("module.") else k
         if k.startswith(BACKBONE_PREFIX):
-            out[k[len(BACKBONE_PREFIX):]] = v
+            out[k[len(BACKBONE_PREFIX) :]] = v
     return out
 
 
 def describe_backbone(cfg: DictConfig) -> str:
     """``conv4(width=64, depth=4; 1-channel input)``: a run config's backbone in one phrase."""
-    params = OmegaConf.to_container(cfg.backbone.get("params") or {}, resolve=True)
-    extra = ", ".join(f"{k}={v}" for k, v in params.items())  # type: ignore[union-attr]
+    extra = ", ".join(f"{k}={v}" for k, v in as_dict(cfg.backbone.get("params")).items())
     return f"{cfg.backbone.name}({extra}; {cfg.data.channels}-channel input)"
 
 
-def load_encoders(path: str | Path, device: str | torch.device = "cpu",
-                  expect: DictConfig | None = None) -> Encoders:
+def load_encoders(path: str | Path, device: str | torch.device = "cpu", expect: DictConfig | None = None) -> Encoders:
     """Trained and random-init backbones of checkpoint ``path`` (eval mode, on ``device``).
 
     ``expect`` (a ``backbone`` config node, optional) names the backbone the caller wants; a
@@ -161,13 +173,17 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu",
 
     path = Path(path)
     state = checkpoint.load(path)
-    check("config" in state and "model" in state,
-          f"checkpoint '{path}' has no model config; give a checkpoint written by episodic.train")
+    check(
+        "config" in state and "model" in state,
+        f"checkpoint '{path}' has no model config; give a checkpoint written by episodic.train",
+    )
     cfg = OmegaConf.create(state["config"])
     if expect is not None:
-        check(expect.name == cfg.backbone.name,
-              f"checkpoint '{path}' holds a {describe_backbone(cfg)} backbone, not {expect.name}; "
-              f"give a {expect.name} checkpoint or drop backbone={expect.name}")
+        check(
+            expect.name == cfg.backbone.name,
+            f"checkpoint '{path}' holds a {describe_backbone(cfg)} backbone, not {expect.name}; "
+            f"give a {expect.name} checkpoint or drop backbone={expect.name}",
+        )
     trained = build_model(cfg).backbone
     random_init = build_model(cfg).backbone
     weights = backbone_state(state["model"])
@@ -177,7 +193,5 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu",
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
-        raise EpisodicError(f"checkpoint '{path}' does not fit a {describe_backbone(cfg)} backbone: "
-                            f"{detail}") from None
-    return Encoders(trained.to(device).eval(), random_init.to(device).eval(), cfg, int(state.get("step", 0)),
-                    path)
+        raise EpisodicError(f"checkpoint '{path}' does not fit a {describe_backbone(cfg)} backbone: {detail}") from None
+    return Encoders(trained.to(device).eval(), random_init.to(device).eval(), cfg, int(state.get("step", 0)), path)

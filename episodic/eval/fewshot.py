@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
+from episodic.config import as_dict
 from episodic.data.datasets import ArrayDataset
 from episodic.errors import check
 from episodic.heads.base import HEADS, Head
@@ -47,21 +48,27 @@ class FewShotResult:
         return {"mean": self.mean, "ci95": self.ci95}
 
 
-def sample_episodes(labels: Tensor, n_way: int, k_shot: int, n_query: int, episodes: int,
-                    seed: int = 0) -> tuple[Tensor, Tensor]:
+def sample_episodes(
+    labels: Tensor, n_way: int, k_shot: int, n_query: int, episodes: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """Indices of support ``[T, n_way*k_shot]`` and query ``[T, n_way*n_query]`` rows, class-major."""
     check(n_way >= 2, f"ways={n_way} is not allowed; few-shot episodes need at least 2 classes")
     check(k_shot >= 1 and n_query >= 1, f"shots={k_shot}, queries={n_query}: both must be >= 1")
     check(episodes >= 2, f"episodes={episodes} is not allowed; a confidence interval needs at least 2")
     classes = labels.unique()
-    check(len(classes) >= n_way, f"{n_way}-way episodes need {n_way} classes but the few-shot set has "
-                                 f"{len(classes)}; use ways <= {len(classes)}")
+    check(
+        len(classes) >= n_way,
+        f"{n_way}-way episodes need {n_way} classes but the few-shot set has "
+        f"{len(classes)}; use ways <= {len(classes)}",
+    )
     by_class = [(labels == c).nonzero().squeeze(1) for c in classes]
     need = k_shot + n_query
     small = min(range(len(classes)), key=lambda i: len(by_class[i]))
-    check(len(by_class[small]) >= need,
-          f"{k_shot}-shot episodes with {n_query} queries need {need} images per class but class "
-          f"{int(classes[small])} has only {len(by_class[small])}; lower shots or queries")
+    check(
+        len(by_class[small]) >= need,
+        f"{k_shot}-shot episodes with {n_query} queries need {need} images per class but class "
+        f"{int(classes[small])} has only {len(by_class[small])}; lower shots or queries",
+    )
     g = torch.Generator().manual_seed(seed)
     sup, qry = [], []
     for _ in range(episodes):
@@ -81,8 +88,9 @@ def mean_ci95(acc: Tensor) -> FewShotResult:
 
 
 @torch.no_grad()
-def episode_accuracies(features: Tensor, sup: Tensor, qry: Tensor, head: Head, n_way: int, k_shot: int,
-                       n_query: int, chunk: int = 100) -> Tensor:
+def episode_accuracies(
+    features: Tensor, sup: Tensor, qry: Tensor, head: Head, n_way: int, k_shot: int, n_query: int, chunk: int = 100
+) -> Tensor:
     """Per-episode query accuracy (%) ``[T]`` of ``head`` on the episodes ``sup``/``qry`` (row indices)."""
     ys = torch.arange(n_way).repeat_interleave(k_shot)
     yq = torch.arange(n_way).repeat_interleave(n_query)
@@ -94,8 +102,17 @@ def episode_accuracies(features: Tensor, sup: Tensor, qry: Tensor, head: Head, n
     return torch.cat(accs) * 100
 
 
-def fewshot_accuracy(features: Tensor, labels: Tensor, head: Head, n_way: int = 5, k_shot: int = 1,
-                     n_query: int = 15, episodes: int = 600, seed: int = 0, chunk: int = 100) -> FewShotResult:
+def fewshot_accuracy(
+    features: Tensor,
+    labels: Tensor,
+    head: Head,
+    n_way: int = 5,
+    k_shot: int = 1,
+    n_query: int = 15,
+    episodes: int = 600,
+    seed: int = 0,
+    chunk: int = 100,
+) -> FewShotResult:
     """Mean accuracy (%) and 95% CI of ``head`` over seeded N-way K-shot episodes on ``features``."""
     sup, qry = sample_episodes(labels, n_way, k_shot, n_query, episodes, seed)
     return mean_ci95(episode_accuracies(features, sup, qry, head, n_way, k_shot, n_query, chunk))
@@ -132,8 +149,15 @@ class LogRegHead(Head):
         e, _, d = s.shape
         w = torch.zeros(e, d, n_way, dtype=torch.float64, device=s.device, requires_grad=True)
         b = torch.zeros(e, 1, n_way, dtype=torch.float64, device=s.device, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
-                                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [w, b],
+            lr=1,
+            max_iter=self.max_iter,
+            tolerance_grad=self.tol,
+            tolerance_change=1e-12,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
         y = support_labels.reshape(-1)
 
         def closure() -> Tensor:
@@ -158,8 +182,7 @@ class LogRegHead(Head):
 def build_eval_head(name: str, params: Any = None) -> Head:
     """An evaluation head (``EVAL_HEADS``: every training head, and ``logreg``) from a params mapping, in
     eval mode."""
-    p = dict(OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else (params or {}))
-    return EVAL_HEADS.build(name, **p).eval()
+    return EVAL_HEADS.build(name, **as_dict(params)).eval()
 
 
 def fewshot_source(data: Any, data_cfg: DictConfig, split: str = "auto", classes: Any = None) -> ArrayDataset:
@@ -186,16 +209,19 @@ def run_fewshot(ctx: EvalContext, ev: DictConfig) -> dict[str, Any]:
     fs = fewshot_source(ctx.data, ctx.data_cfg, str(ev.split), ev.get("classes"))
     heads = {name: build_eval_head(name, (ev.get("head_params") or {}).get(name)) for name in ev.heads}
     check(len(heads) > 0, "eval.heads is empty; name at least one of " + ", ".join(EVAL_HEADS.names()))
-    episodes = {shot: sample_episodes(fs.labels, int(ev.ways), int(shot), int(ev.queries), int(ev.episodes),
-                                      int(ev.seed)) for shot in ev.shots}
+    episodes = {
+        shot: sample_episodes(fs.labels, int(ev.ways), int(shot), int(ev.queries), int(ev.episodes), int(ev.seed))
+        for shot in ev.shots
+    }
     out: dict[str, Any] = {name: {} for name in heads}
     for which, backbone in ctx.backbones(bool(ev.baseline)):
         feats = cached_features(backbone, fs.images, ctx.cache_dir, ctx.device, **ctx.norm)
         for shot, (sup, qry) in episodes.items():
             key = f"{ev.ways}way{shot}shot"
             for name, head in heads.items():
-                acc = episode_accuracies(feats, sup, qry, head, int(ev.ways), int(shot), int(ev.queries),
-                                         int(ev.get("chunk", 100)))
+                acc = episode_accuracies(
+                    feats, sup, qry, head, int(ev.ways), int(shot), int(ev.queries), int(ev.get("chunk", 100))
+                )
                 cell = out[name].setdefault(key, {"trained": None, "random_init": None})
                 cell[which] = mean_ci95(acc).as_dict()
     return out

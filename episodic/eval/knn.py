@@ -37,8 +37,15 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def knn_scores(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 200, temperature: float = 0.1,
-               n_classes: int | None = None, chunk: int = 1024) -> Tensor:
+def knn_scores(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    k: int = 200,
+    temperature: float = 0.1,
+    n_classes: int | None = None,
+    chunk: int = 1024,
+) -> Tensor:
     """Class votes ``[N_test, C]`` of the weighted kNN classifier (see the module docstring)."""
     check(k >= 1, f"knn k={k} is not allowed; use an integer >= 1")
     check(temperature > 0, f"knn temperature={temperature} is not allowed; use a value > 0")
@@ -57,17 +64,25 @@ def knn_scores(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 200, t
     return torch.cat(out) if out else torch.zeros(0, n_classes, dtype=dtype)
 
 
-def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 200,
-                 temperature: float = 0.1) -> float:
+def knn_accuracy(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 200, temperature: float = 0.1
+) -> float:
     """Top-1 accuracy (%) of the weighted kNN classifier."""
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     pred = knn_scores(train_x, train_y, test_x, k, temperature, n_classes).argmax(1)
     return float((pred == test_y).double().mean() * 100)
 
 
-def knn_eval(backbone: nn.Module, train: ArrayDataset, test: ArrayDataset, k: int = 200,
-             temperature: float = 0.1, device: str | torch.device = "cpu", mean: list[float] | None = None,
-             std: list[float] | None = None) -> float:
+def knn_eval(
+    backbone: nn.Module,
+    train: ArrayDataset,
+    test: ArrayDataset,
+    k: int = 200,
+    temperature: float = 0.1,
+    device: str | torch.device = "cpu",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> float:
     """kNN accuracy (%) of ``backbone`` features: labelled ``train`` images as the memory bank, ``test``
     images as the queries."""
     train, test = labelled(train), labelled(test)
@@ -90,8 +105,19 @@ class KNNMonitor:
         mean, std: the data's normalisation.
     """
 
-    def __init__(self, every: int, unit: str, k: int, temperature: float, steps_per_epoch: int, path: Path,
-                 resumed_step: int = 0, main: bool = True, mean: Any = None, std: Any = None) -> None:
+    def __init__(
+        self,
+        every: int,
+        unit: str,
+        k: int,
+        temperature: float,
+        steps_per_epoch: int,
+        path: Path,
+        resumed_step: int = 0,
+        main: bool = True,
+        mean: Any = None,
+        std: Any = None,
+    ) -> None:
         check(unit in ("epochs", "steps"), f"eval.knn_unit={unit!r} is not allowed; use epochs or steps")
         check(every >= 0, f"eval.knn_every={every} is not allowed; use 0 (off) or a positive integer")
         self.k, self.temperature, self.mean, self.std = k, temperature, mean, std
@@ -110,8 +136,16 @@ class KNNMonitor:
     def after_step(self, progress: Progress) -> None:
         """Evaluate when due (logging it) and keep ``knn=`` on the progress bar."""
         if self.due(progress.step, progress.total):
-            acc = knn_eval(progress.model.backbone, progress.data.train, progress.data.test, self.k,
-                           self.temperature, progress.device, self.mean, self.std)
+            acc = knn_eval(
+                progress.model.backbone,
+                progress.data.train,
+                progress.data.test,
+                self.k,
+                self.temperature,
+                progress.device,
+                self.mean,
+                self.std,
+            )
             self.last = acc
             progress.writer.add_scalar("eval/knn_acc", acc, progress.step)
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ Per-dataset recipes (:data:`episodic.config.LINEAR_RECIPES`): CIFAR-10/100 batch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,9 @@ def shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Gener
         pos += batch_size
 
 
-def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, weight_decay: float = 1e-4,
-                 max_iter: int = 200) -> float:
+def linear_probe(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, weight_decay: float = 1e-4, max_iter: int = 200
+) -> float:
     """Fit softmax regression on ``train`` features, return accuracy (%) on ``test``."""
     mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     xtr, xte = ((train_x - mu) / sd).double(), ((test_x - mu) / sd).double()
@@ -72,8 +74,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         return float(((xte @ w + b).argmax(1) == test_y).double().mean() * 100)
 
 
-def pad_crop_flip(x: Tensor, pad: int = 4, flip_p: float = 0.5,
-                  generator: torch.Generator | None = None) -> Tensor:
+def pad_crop_flip(x: Tensor, pad: int = 4, flip_p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
     """Per-sample random crop of ``x [B, C, H, W]`` after ``pad``-pixel reflect padding, then a random flip.
 
     Crop offsets and flips are drawn on the CPU from ``generator``; the output has ``x``'s size.
@@ -108,27 +109,47 @@ class ProbeAugment(nn.Module):
         self.flip_p = float(augment.get("hflip", 0.5))
         self.crop = None
         if kind == "resized_crop":
-            cfg = AugmentConfig(size=size, scale=tuple(augment.get("scale", (0.08, 1.0))),
-                                ratio=tuple(augment.get("ratio", (3 / 4, 4 / 3))), hflip=self.flip_p,
-                                brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, jitter_p=0.0,
-                                gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+            cfg = AugmentConfig(
+                size=size,
+                scale=tuple(augment.get("scale", (0.08, 1.0))),
+                ratio=tuple(augment.get("ratio", (3 / 4, 4 / 3))),
+                hflip=self.flip_p,
+                brightness=0.0,
+                contrast=0.0,
+                saturation=0.0,
+                hue=0.0,
+                jitter_p=0.0,
+                gray_p=0.0,
+                blur_p=0.0,
+                solarize_p=0.0,
+            )
             self.crop = BatchAugment(cfg)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if self.kind == "resized_crop":
-            x = self.crop(images, generator)  # type: ignore[misc]
+        if self.crop is not None:  # resized_crop
+            x = self.crop(images, generator)
         else:
             x = images.float().div(255)
             if self.kind == "crop_flip":
                 x = pad_crop_flip(x, 4, self.flip_p, generator)
-        if self.mean is not None:
-            x = (x - self.mean.to(x.device)) / self.std.to(x.device)  # type: ignore[union-attr]
+        if self.mean is not None and self.std is not None:
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x
 
 
-def sgd_probe(batch_features: Callable[[Tensor], Tensor], labels: Tensor, dim: int, n_classes: int, steps: int,
-              batch_size: int, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-              device: str | torch.device = "cpu") -> nn.Linear:
+def sgd_probe(
+    batch_features: Callable[[Tensor], Tensor],
+    labels: Tensor,
+    dim: int,
+    n_classes: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> nn.Linear:
     """Train a zero-initialised ``nn.Linear(dim, n_classes)`` with SGD and linear LR decay to 0.
 
     ``batch_features(idx)`` returns the ``[len(idx), dim]`` features of training rows ``idx``;
@@ -153,8 +174,10 @@ def sgd_probe(batch_features: Callable[[Tensor], Tensor], labels: Tensor, dim: i
             loss.backward()
             opt.step()
             sched.step()
-    check(bool(torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()),
-          f"the linear probe diverged (non-finite weights) with eval.lr={lr}; lower eval.lr")
+    check(
+        bool(torch.isfinite(head.weight).all() and torch.isfinite(head.bias).all()),
+        f"the linear probe diverged (non-finite weights) with eval.lr={lr}; lower eval.lr",
+    )
     return head.eval()
 
 
@@ -162,8 +185,10 @@ def sgd_probe(batch_features: Callable[[Tensor], Tensor], labels: Tensor, dim: i
 def accuracy(head: nn.Module, features: Tensor, labels: Tensor, batch_size: int = 4096) -> float:
     """Top-1 accuracy (%) of ``head`` on ``features``."""
     dev = next(head.parameters()).device
-    hits = sum(int((head(features[i : i + batch_size].to(dev).float()).argmax(1).cpu()
-                    == labels[i : i + batch_size]).sum()) for i in range(0, len(labels), batch_size))
+    hits = sum(
+        int((head(features[i : i + batch_size].to(dev).float()).argmax(1).cpu() == labels[i : i + batch_size]).sum())
+        for i in range(0, len(labels), batch_size)
+    )
     return 100.0 * hits / max(1, len(labels))
 
 
@@ -180,11 +205,12 @@ def resolve_recipe(ev: Any, data_key: str) -> dict[str, Any]:
     check(name in recipes, f"eval.recipe={name!r} is not allowed; use auto or one of {', '.join(recipes)}")
     r = {k: recipes[name].get(k) for k in RECIPE_KEYS}
     r.update({k: ev.get(k) for k in RECIPE_KEYS if ev.get(k) is not None})
-    check(r["optimizer"] in ("lbfgs", "sgd"),
-          f"eval.optimizer={r['optimizer']!r} is not allowed; use lbfgs or sgd")
+    check(r["optimizer"] in ("lbfgs", "sgd"), f"eval.optimizer={r['optimizer']!r} is not allowed; use lbfgs or sgd")
     check(r["aug"] in AUGS, f"eval.aug={r['aug']!r} is not allowed; use one of {', '.join(AUGS)}")
-    check(r["optimizer"] == "sgd" or r["aug"] == "none",
-          f"eval.aug={r['aug']!r} needs eval.optimizer=sgd (L-BFGS runs on cached, unaugmented features)")
+    check(
+        r["optimizer"] == "sgd" or r["aug"] == "none",
+        f"eval.aug={r['aug']!r} needs eval.optimizer=sgd (L-BFGS runs on cached, unaugmented features)",
+    )
     return {"recipe": name, **r}
 
 
@@ -201,23 +227,44 @@ def run_linear(ctx: EvalContext, ev: Any) -> dict[str, Any]:
         if r["aug"] == "none":
             ftr = cached_features(backbone, train.images, ctx.cache_dir, ctx.device, **ctx.norm)
             if r["optimizer"] == "lbfgs":
-                out[which] = linear_probe(ftr, train.labels, fte, test.labels, float(r["weight_decay"]),
-                                          int(r["max_iter"]))
+                out[which] = linear_probe(
+                    ftr, train.labels, fte, test.labels, float(r["weight_decay"]), int(r["max_iter"])
+                )
                 continue
-            head = sgd_probe(lambda idx: ftr[idx], train.labels, ftr.shape[1], n_classes, int(r["steps"]),
-                             int(r["batch_size"]), float(r["lr"]), float(r["momentum"]), float(r["weight_decay"]),
-                             int(ev.seed), ctx.device)
+            head = sgd_probe(
+                ftr.__getitem__,
+                train.labels,
+                ftr.shape[1],
+                n_classes,
+                int(r["steps"]),
+                int(r["batch_size"]),
+                float(r["lr"]),
+                float(r["momentum"]),
+                float(r["weight_decay"]),
+                int(ev.seed),
+                ctx.device,
+            )
         else:
             aug = ProbeAugment(r["aug"], ctx.data_cfg.augment, int(train.images.shape[-1]))
             g = torch.Generator().manual_seed(int(ev.seed))
 
             @torch.no_grad()
-            def feats(idx: Tensor, bb: nn.Module = backbone) -> Tensor:
-                return bb(aug(train.images[idx].to(ctx.device), g))
+            def feats(idx: Tensor, bb: nn.Module = backbone, a: ProbeAugment = aug, gen: torch.Generator = g) -> Tensor:
+                return bb(a(train.images[idx].to(ctx.device), gen))
 
-            head = sgd_probe(feats, train.labels, fte.shape[1], n_classes, int(r["steps"]), int(r["batch_size"]),
-                             float(r["lr"]), float(r["momentum"]), float(r["weight_decay"]), int(ev.seed),
-                             ctx.device)
+            head = sgd_probe(
+                feats,
+                train.labels,
+                fte.shape[1],
+                n_classes,
+                int(r["steps"]),
+                int(r["batch_size"]),
+                float(r["lr"]),
+                float(r["momentum"]),
+                float(r["weight_decay"]),
+                int(ev.seed),
+                ctx.device,
+            )
         out[which] = accuracy(head, fte, test.labels)
     out["settings"] = r
     return out

@@ -31,14 +31,19 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def plot_accuracy_curve(history: list[dict[str, Any]], knn: list[dict[str, Any]] | None = None,
-                        title: str = "") -> Figure:
+def plot_accuracy_curve(
+    history: list[dict[str, Any]], knn: list[dict[str, Any]] | None = None, title: str = ""
+) -> Figure:
     """Training-episode accuracy (and kNN accuracy, if any) in % against the step."""
     fig = Figure(figsize=(6, 3.6), dpi=120)
     ax = fig.add_subplot()
     if history:
-        ax.plot([r["step"] for r in history], [100 * r["acc"] for r in history], "." if len(history) < 2 else "-",
-                label="training episodes (query acc)")
+        ax.plot(
+            [r["step"] for r in history],
+            [100 * r["acc"] for r in history],
+            "." if len(history) < 2 else "-",
+            label="training episodes (query acc)",
+        )
     if knn:
         ax.plot([r["step"] for r in knn], [r["knn_acc"] for r in knn], "o-", label="kNN (test split)")
     ax.set_xlabel("step")
@@ -59,8 +64,14 @@ def episode_scores(logits: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def collect_scores(model: EpisodicModel, images: Tensor, augment: Any, batch_size: int, seed: int = 0,
-                   device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+def collect_scores(
+    model: EpisodicModel,
+    images: Tensor,
+    augment: Any,
+    batch_size: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor]:
     """Positive and negative head scores of ``model`` on training-style episodes of ``batch_size`` images.
 
     ``model`` must be a one-process model (:func:`~episodic.model.build_model` without a scope: no
@@ -90,8 +101,7 @@ def plot_score_histograms(scores: dict[str, tuple[Tensor, Tensor]], title: str =
         hi = float(max(pos.max(), neg.max()))
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
         ax.hist(neg.numpy(), bins=bins, density=True, alpha=0.6, color="tab:red", label=f"negatives ({len(neg)})")
-        ax.hist(pos.numpy(), bins=bins, density=True, alpha=0.6, color="tab:blue",
-                label=f"positives ({len(pos)})")
+        ax.hist(pos.numpy(), bins=bins, density=True, alpha=0.6, color="tab:blue", label=f"positives ({len(pos)})")
         ax.set_title(name)
         ax.set_xlabel("query score (logit)")
         ax.legend(fontsize=8)
@@ -115,8 +125,7 @@ def embed_2d(features: Tensor, method: str = "tsne", seed: int = 0) -> np.ndarra
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
 
-def plot_embedding(maps: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
-                   title: str = "") -> Figure:
+def plot_embedding(maps: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str], title: str = "") -> Figure:
     """Scatter plots of 2-D maps ``{panel: (xy [N, 2], labels [N])}``, one colour per class."""
     fig = Figure(figsize=(4.2 * len(maps) + 1.2, 4.2), dpi=120, layout="constrained")
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
@@ -155,19 +164,27 @@ def save_run_plots(trainer: Any, run_dir: str | Path | None = None) -> dict[str,
     baseline = build_model(cfg).to(trainer.device)
     label = f"{cfg.head.name} on {cfg.data.name}, {trainer.step} steps"
     figs: dict[str, Figure] = {
-        "accuracy": plot_accuracy_curve(read_jsonl(run_dir / "history.jsonl"), read_jsonl(run_dir / "knn.jsonl"),
-                                        f"accuracy versus step ({label})")}
+        "accuracy": plot_accuracy_curve(
+            read_jsonl(run_dir / "history.jsonl"), read_jsonl(run_dir / "knn.jsonl"), f"accuracy versus step ({label})"
+        )
+    }
     models = (("trained", model), ("random init", baseline))
-    scores = {name: collect_scores(m, trainer.train_set.images, trainer.augment, int(cfg.batch_size),
-                                   int(cfg.seed), trainer.device) for name, m in models}
+    scores = {
+        name: collect_scores(
+            m, trainer.train_set.images, trainer.augment, int(cfg.batch_size), int(cfg.seed), trainer.device
+        )
+        for name, m in models
+    }
     figs["scores"] = plot_score_histograms(scores, f"{cfg.head.name} head scores on training episodes")
     test = labelled(trainer.data.test)
     k = min(int(cfg.eval.get("plot_points", 1000)), len(test))
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(int(cfg.seed)))[:k].sort().values
     aug = cfg.data.augment
     backbones = (("trained", model.backbone), ("random init", baseline.backbone))
-    feats = {name: extract_features(b, test.images[pick], device=trainer.device, mean=aug.get("mean"),
-                                    std=aug.get("std")) for name, b in backbones}
+    feats = {
+        name: extract_features(b, test.images[pick], device=trainer.device, mean=aug.get("mean"), std=aug.get("std"))
+        for name, b in backbones
+    }
     y = test.labels[pick].numpy()
     for method in ["tsne"] + (["umap"] if umap_available() else []):
         maps = {name: (embed_2d(f, method, int(cfg.seed)), y) for name, f in feats.items()}

@@ -47,22 +47,23 @@ def evaluate_encoder(backbone: nn.Module, data: Splits, cfg: DictConfig, device:
     head = ProtoNetHead(temperature=1.0, metric="cosine")
     out["fewshot"] = {}
     for shot in ev.fewshot.shots:
-        r = fewshot_accuracy(feats, fs.labels, head, ev.fewshot.ways, shot, ev.fewshot.queries,
-                             ev.fewshot.episodes, seed=ev.fewshot.seed)
+        r = fewshot_accuracy(
+            feats, fs.labels, head, ev.fewshot.ways, shot, ev.fewshot.queries, ev.fewshot.episodes, seed=ev.fewshot.seed
+        )
         out["fewshot"][f"{ev.fewshot.ways}way{shot}shot"] = r.as_dict()
     return out
 
 
-def quick_eval(trained: nn.Module, random_init: nn.Module, data: Splits, cfg: DictConfig, device: torch.device,
-               run_dir: Path) -> dict[str, Any]:
+def quick_eval(
+    trained: nn.Module, random_init: nn.Module, data: Splits, cfg: DictConfig, device: torch.device, run_dir: Path
+) -> dict[str, Any]:
     """Evaluate both backbones, write ``results.json``, return the results dict."""
     a = evaluate_encoder(trained, data, cfg, device)
     b = evaluate_encoder(random_init, data, cfg, device) if cfg.eval.baseline else None
     res: dict[str, Any] = {}
     if "linear" in a:
         res["linear"] = {"trained": a["linear"], "random_init": b["linear"] if b else None}
-    res["fewshot"] = {k: {"trained": v, "random_init": b["fewshot"][k] if b else None}
-                      for k, v in a["fewshot"].items()}
+    res["fewshot"] = {k: {"trained": v, "random_init": b["fewshot"][k] if b else None} for k, v in a["fewshot"].items()}
     path = run_dir / "results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**old, **res}, indent=2))

@@ -23,8 +23,7 @@ def append_result(path: str | Path, record: dict[str, Any]) -> dict[str, Any]:
     """Append ``record`` to ``evaluations`` in the JSON file ``path`` (created if missing); the new content."""
     path = Path(path)
     old = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {}
-    old.setdefault("evaluations", []).append({"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                                              **record})
+    old.setdefault("evaluations", []).append({"time": datetime.datetime.now().isoformat(timespec="seconds"), **record})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(old, indent=2))
@@ -38,14 +37,18 @@ def result_rows(protocol: str, res: dict[str, Any]) -> list[tuple[str, Any, Any]
         s = res.get("settings", {})
         return [(f"linear probe ({s.get('optimizer')}, aug {s.get('aug')})", res["trained"], res["random_init"])]
     if protocol == "semi":
-        return [(f"{name} labels ({r['labels']} images, {r['steps']} steps)", r["trained"], r["random_init"])
-                for name, r in res.items()]
+        return [
+            (f"{name} labels ({r['labels']} images, {r['steps']} steps)", r["trained"], r["random_init"])
+            for name, r in res.items()
+        ]
     if protocol == "knn":
-        return [(f"kNN k={k[1:]} T={res['temperature']:g}", r["trained"], r["random_init"])
-                for k, r in res.items() if k != "temperature"]
+        return [
+            (f"kNN k={k[1:]} T={res['temperature']:g}", r["trained"], r["random_init"])
+            for k, r in res.items()
+            if k != "temperature"
+        ]
     if protocol == "fewshot":
-        return [(f"{head} {key}", r["trained"], r["random_init"])
-                for head, by in res.items() for key, r in by.items()]
+        return [(f"{head} {key}", r["trained"], r["random_init"]) for head, by in res.items() for key, r in by.items()]
     raise KeyError(protocol)
 
 

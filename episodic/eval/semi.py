@@ -5,7 +5,8 @@ zero-initialised linear layer trained end to end with cross-entropy, BatchNorm i
 SGD momentum 0.9, no weight decay, no warm-up, learning rate decayed linearly to 0, batch 240,
 training images augmented with random resized crop + flip, test images not augmented. On ImageNet:
 1% -> lr 0.05 for 3,000 steps, 10% -> lr 0.1 for 60,000 steps, i.e. about 56 and 112 passes over the
-labelled subset; ``eval=semi`` (:class:`episodic.config.SemiEval`) states the schedule in those passes (``epochs``) so it
+labelled subset; ``eval=semi`` (:class:`episodic.config.SemiEval`) states the schedule in those passes
+(``epochs``) so it
 carries over to any dataset (``eval.steps`` overrides).
 
 Labelled subsets are class-balanced and fixed by a seed: every class contributes
@@ -40,9 +41,12 @@ def balanced_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     classes = labels.unique()
     per = max(1, round(fraction * len(labels) / len(classes)))
     counts = {int(c): int((labels == c).sum()) for c in classes}
-    small = min(counts, key=counts.get)  # type: ignore[arg-type]
-    check(counts[small] >= per, f"a class-balanced {fraction:g} subset needs {per} images per class but class "
-                                f"{small} has only {counts[small]}; use a smaller fraction")
+    small = min(counts, key=lambda c: counts[c])
+    check(
+        counts[small] >= per,
+        f"a class-balanced {fraction:g} subset needs {per} images per class but class "
+        f"{small} has only {counts[small]}; use a smaller fraction",
+    )
     g = torch.Generator().manual_seed(seed)
     picks = []
     for c in classes.tolist():
@@ -65,9 +69,20 @@ class Classifier(nn.Module):
         return self.fc(self.backbone(x))
 
 
-def finetune(backbone: nn.Module, images: Tensor, labels: Tensor, n_classes: int, aug: ProbeAugment, steps: int,
-             batch_size: int, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-             device: str | torch.device = "cpu") -> Classifier:
+def finetune(
+    backbone: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    n_classes: int,
+    aug: ProbeAugment,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Classifier:
     """Fine-tune a copy of ``backbone`` + linear layer on uint8 ``images`` (see the module docstring)."""
     check(steps >= 1, f"semi-supervised steps={steps} is not allowed; use an integer >= 1")
     check(lr > 0, f"eval.lr={lr} is not allowed; use a value > 0")
@@ -86,8 +101,10 @@ def finetune(backbone: nn.Module, images: Tensor, labels: Tensor, n_classes: int
             loss.backward()
             opt.step()
             sched.step()
-    check(all(bool(torch.isfinite(p).all()) for p in model.parameters()),
-          f"semi-supervised fine-tuning diverged (non-finite weights) with lr={lr}; lower eval.lr")
+    check(
+        all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        f"semi-supervised fine-tuning diverged (non-finite weights) with lr={lr}; lower eval.lr",
+    )
     return model.eval()
 
 
@@ -122,12 +139,30 @@ def run_semi(ctx: EvalContext, ev: Any) -> dict[str, Any]:
         path = ctx.run_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{i}\n" for i in idx.tolist()))
-        row: dict[str, Any] = {"trained": None, "random_init": None, "labels": len(idx),
-                               "per_class": len(idx) // len(train.labels.unique()), "steps": steps,
-                               "lr": float(lr), "indices_file": str(rel)}
+        row: dict[str, Any] = {
+            "trained": None,
+            "random_init": None,
+            "labels": len(idx),
+            "per_class": len(idx) // len(train.labels.unique()),
+            "steps": steps,
+            "lr": float(lr),
+            "indices_file": str(rel),
+        }
         for which, backbone in ctx.backbones(bool(ev.baseline)):
-            model = finetune(backbone, train.images[idx], train.labels[idx], n_classes, aug, steps, bs, float(lr),
-                             float(ev.momentum), float(ev.weight_decay), int(ev.seed), ctx.device)
+            model = finetune(
+                backbone,
+                train.images[idx],
+                train.labels[idx],
+                n_classes,
+                aug,
+                steps,
+                bs,
+                float(lr),
+                float(ev.momentum),
+                float(ev.weight_decay),
+                int(ev.seed),
+                ctx.device,
+            )
             feats = extract_features(model.backbone, test.images, device=ctx.device, **ctx.norm)
             row[which] = accuracy(model.fc, feats, test.labels)
         out[name] = row

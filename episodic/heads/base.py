@@ -41,7 +41,7 @@ stage each; every hook is the identity by default:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from torch import Tensor, nn
 from episodic.errors import check
 from episodic.registry import Registry
 from episodic.tasks.episode import Episode
+
+if TYPE_CHECKING:
+    from episodic.heads.variants.base import Variant
 
 HEADS: Registry[type[Head]] = Registry("head", "episodic.heads")
 
@@ -146,15 +149,20 @@ class Head(nn.Module):
         self.variants = nn.ModuleDict()
 
     # ------------------------------------------------------------- variant hooks
+    @property
+    def active_variants(self) -> list[Variant]:
+        """The attached variants, in the order they were attached."""
+        return list(self.variants.values())  # type: ignore[arg-type]  # ModuleDict holds Variant modules
+
     def transform_embeddings(self, z: Tensor) -> Tensor:
         """Embeddings of one encoder pass ``[B, d]`` before the head (pairings call this)."""
-        for v in self.variants.values():
+        for v in self.active_variants:
             z = v.transform_embeddings(z)
         return z
 
     @property
     def replaces_l2(self) -> bool:
-        return any(v.replaces_l2 for v in self.variants.values())
+        return any(v.replaces_l2 for v in self.active_variants)
 
     def l2(self, x: Tensor) -> Tensor:
         """The head's L2 normalisation, unless a variant standardises embeddings instead."""
@@ -164,19 +172,22 @@ class Head(nn.Module):
         """A lower bound of every logit the head can produce (``None``: unbounded); DCL's floor."""
         return None
 
-    def target_loss(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def target_loss(
+        self, logits: Tensor, targets: Tensor, valid: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Soft-target cross-entropy over columns, or a variant's replacement (debiased)."""
-        for v in self.variants.values():
+        for v in self.active_variants:
             out = v.loss(logits, targets, valid, self.min_logit())
             if out is not None:
                 return out
         return soft_cross_entropy(logits, targets, valid), {}
 
     def check_memory(self, memory: Tensor | None) -> None:
-        check(memory is None or self.supports_memory,
-              f"head={self.name} cannot take a memory queue of extra classes; use method.params."
-              "queue_size=0 or a head that can (contrastive, protonet, r2d2)")
+        check(
+            memory is None or self.supports_memory,
+            f"head={self.name} cannot take a memory queue of extra classes; use method.params."
+            "queue_size=0 or a head that can (contrastive, protonet, r2d2)",
+        )
 
     # ------------------------------------------------------------- contract
     def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
@@ -186,7 +197,7 @@ class Head(nn.Module):
         self.check_memory(memory)
         s, q = full_precision(episode.support), full_precision(episode.query)
         logits = self.scores(s, episode.support_labels, q, episode.n_way)
-        if not any(v.replaces_loss for v in self.variants.values()):
+        if not any(v.replaces_loss for v in self.active_variants):
             return HeadOutput(loss=episode_cross_entropy(logits, episode), logits=logits)
         loss, extras = self.target_loss(logits, query_targets(episode, logits.dtype))
         return HeadOutput(loss=loss, logits=logits, extras=extras)
@@ -295,42 +306,40 @@ class KernelHead(Head):
         return None
 
     def _variant_kernel(self, energy: Tensor) -> Tensor | None:
-        for v in self.variants.values():
+        for v in self.active_variants:
             out = v.log_kernel(energy)
             if out is not None:
                 return out
         return None
 
     def has_variant_kernel(self) -> bool:
-        return any(v.replaces_kernel for v in self.variants.values())
+        return any(v.replaces_kernel for v in self.active_variants)
 
     def kernel(self, geo: Geometry) -> Tensor:
         """Logits of every pair: the head's kernel, or a variant's (Student-t) of its energy."""
-        if self.has_variant_kernel():
-            return self._variant_kernel(self.energy(geo))  # type: ignore[return-value]
-        return self.base_kernel(geo)
+        out = self._variant_kernel(self.energy(geo)) if self.has_variant_kernel() else None
+        return out if out is not None else self.base_kernel(geo)
 
     def min_logit(self) -> float | None:
         if self.replaces_l2:
             return None
         if self.has_variant_kernel():
             u = self.max_energy()
-            if u is None:
-                return None
-            return float(self._variant_kernel(torch.tensor(u, dtype=torch.float64)))  # type: ignore[arg-type]
+            low = None if u is None else self._variant_kernel(torch.tensor(u, dtype=torch.float64))
+            return None if low is None else float(low)
         return self.base_min_logit()
 
     def pair_loss(self, pairs: Pairs) -> tuple[Tensor, dict[str, Tensor], Tensor, bool]:
         """Run the variant stages on ``pairs``; return loss, extras, training logits and whether the
         geometry was transformed (then the training logits are not the head's plain scores)."""
         if self.training:
-            for v in self.variants.values():
+            for v in self.active_variants:
                 pairs = v.add_columns(pairs)
         geo = Geometry.of(pairs.anchors, pairs.cands)
         transformed = False
         extras: dict[str, Tensor] = {}
         if self.training:
-            for v in self.variants.values():
+            for v in self.active_variants:
                 new = v.transform_geometry(geo, pairs)
                 transformed |= new is not geo
                 geo = new

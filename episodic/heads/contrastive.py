@@ -117,21 +117,32 @@ class ContrastiveHead(KernelHead):
             m = z.shape[1]
             eye = torch.eye(m, dtype=torch.bool, device=z.device).expand(z.shape[0], m, m)
             valid = torch.cat([~eye, eye.new_ones(z.shape[0], m, k)], -1)
-            pairs = Pairs(anchors=z, cands=z if mem is None else torch.cat([z, mem], 1),
-                          targets=pad_columns(soft_positive_targets(labels, soft), k), valid=valid,
-                          anchor_soft=soft, support=support, support_labels=episode.support_labels,
-                          n_way=episode.n_way)
+            pairs = Pairs(
+                anchors=z,
+                cands=z if mem is None else torch.cat([z, mem], 1),
+                targets=pad_columns(soft_positive_targets(labels, soft), k),
+                valid=valid,
+                anchor_soft=soft,
+                support=support,
+                support_labels=episode.support_labels,
+                n_way=episode.n_way,
+            )
             rows, cols = slice(ns, None), slice(None, ns)
         else:
-            pairs = Pairs(anchors=z[:, ns:], cands=support if mem is None else torch.cat([support, mem], 1),
-                          targets=pad_columns(spread_targets(q_soft, episode.support_labels), k), valid=None,
-                          anchor_soft=q_soft, support=support, support_labels=episode.support_labels,
-                          n_way=episode.n_way)
+            pairs = Pairs(
+                anchors=z[:, ns:],
+                cands=support if mem is None else torch.cat([support, mem], 1),
+                targets=pad_columns(spread_targets(q_soft, episode.support_labels), k),
+                valid=None,
+                anchor_soft=q_soft,
+                support=support,
+                support_labels=episode.support_labels,
+                n_way=episode.n_way,
+            )
             rows, cols = slice(None), slice(None, ns)
         loss, extras, logits, transformed = self.pair_loss(pairs)
         if transformed:  # accuracy and histograms from the untransformed scores
             qs = self.kernel(Geometry.of(pairs.anchors[:, rows], support))
         else:
             qs = logits[:, rows, cols]
-        return HeadOutput(loss=loss, logits=class_logsumexp(qs, episode.support_labels, episode.n_way),
-                          extras=extras)
+        return HeadOutput(loss=loss, logits=class_logsumexp(qs, episode.support_labels, episode.n_way), extras=extras)

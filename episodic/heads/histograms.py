@@ -36,10 +36,12 @@ def score_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[st
     pos = z.gather(1, y.unsqueeze(1)).squeeze(1)
     mask = torch.ones_like(z, dtype=torch.bool).scatter_(1, y.unsqueeze(1), False)
     neg = z[mask].view(z.shape[0], z.shape[1] - 1)
-    moments = {"scores/pos_mean": pos.mean().item(),
-               "scores/pos_var": pos.var(unbiased=False).item(),
-               "scores/neg_mean": neg.mean(1).mean().item() if neg.numel() else float("nan"),
-               "scores/neg_var": neg.var(1, unbiased=False).mean().item() if neg.numel() else float("nan")}
+    moments = {
+        "scores/pos_mean": pos.mean().item(),
+        "scores/pos_var": pos.var(unbiased=False).item(),
+        "scores/neg_mean": neg.mean(1).mean().item() if neg.numel() else float("nan"),
+        "scores/neg_var": neg.var(1, unbiased=False).mean().item() if neg.numel() else float("nan"),
+    }
     moments["scores/gap"] = moments["scores/pos_mean"] - moments["scores/neg_mean"]
     return pos, neg, moments
 
@@ -52,9 +54,9 @@ def log_scores(writer: Any, logits: Tensor, labels: Tensor, extras: Mapping[str,
         writer.add_histogram("scores/neg", thin(neg).cpu(), step)
     for k, v in moments.items():
         writer.add_scalar(k, v, step)
-    for k, v in extras.items():
-        v = v.detach().float()
-        if v.dim() == 0:
-            writer.add_scalar(k, v.item(), step)
-        elif v.numel():
-            writer.add_histogram(k, thin(v).cpu(), step)
+    for k, t in extras.items():
+        t = t.detach().float()
+        if t.dim() == 0:
+            writer.add_scalar(k, t.item(), step)
+        elif t.numel():
+            writer.add_histogram(k, thin(t).cpu(), step)

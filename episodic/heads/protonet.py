@@ -42,12 +42,15 @@ from episodic.tasks.episode import Episode
 class ProtoNetHead(KernelHead):
     """Prototypes as class means; logits = -squared distance / tau (or cosine / tau)."""
 
-    def __init__(self, temperature: float = 0.4, normalize: bool = True, metric: str = "euclidean",
-                 learn_scale: bool = False) -> None:
+    def __init__(
+        self, temperature: float = 0.4, normalize: bool = True, metric: str = "euclidean", learn_scale: bool = False
+    ) -> None:
         super().__init__()
         check(temperature > 0, f"head.params.temperature={temperature} is not allowed; use a value > 0")
-        check(metric in ("euclidean", "cosine"),
-              f"head.params.metric={metric!r} is not allowed; use 'euclidean' or 'cosine'")
+        check(
+            metric in ("euclidean", "cosine"),
+            f"head.params.metric={metric!r} is not allowed; use 'euclidean' or 'cosine'",
+        )
         self.normalize, self.metric = normalize, metric
         self.scale = LogitScale(1.0 / temperature, learn=learn_scale)
 
@@ -89,8 +92,16 @@ class ProtoNetHead(KernelHead):
             k = mem.shape[1]
             c = torch.cat([c, mem], 1)
         soft = query_targets(episode, q.dtype)
-        pairs = Pairs(anchors=q, cands=c, targets=pad_columns(soft, k), valid=None, anchor_soft=soft,
-                      support=s, support_labels=episode.support_labels, n_way=episode.n_way)
+        pairs = Pairs(
+            anchors=q,
+            cands=c,
+            targets=pad_columns(soft, k),
+            valid=None,
+            anchor_soft=soft,
+            support=s,
+            support_labels=episode.support_labels,
+            n_way=episode.n_way,
+        )
         loss, extras, logits, transformed = self.pair_loss(pairs)
         n = episode.n_way
         raw = self.kernel(Geometry.of(q, c[:, :n])) if transformed else logits[..., :n]

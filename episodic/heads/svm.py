@@ -43,9 +43,17 @@ class SVMHead(Head):
 
     scoring: ClassVar[Scoring] = "qp"
 
-    def __init__(self, C: float = 0.1, backend: str = "fast", max_iter: int | None = None,
-                 tol: float | None = None, normalize: bool = True, scale: float = 1.0,
-                 learn_scale: bool = True, warm_start: bool = True) -> None:
+    def __init__(
+        self,
+        C: float = 0.1,
+        backend: str = "fast",
+        max_iter: int | None = None,
+        tol: float | None = None,
+        normalize: bool = True,
+        scale: float = 1.0,
+        learn_scale: bool = True,
+        warm_start: bool = True,
+    ) -> None:
         super().__init__()
         check(scale > 0, f"head.params.scale={scale!r} is not allowed; use a number > 0")
         options: dict[str, object] = {"C": C, "max_iter": max_iter, "tol": tol}

@@ -53,8 +53,14 @@ class BYOL(Method):
     trains_head = False  # the head only scores queries for the accuracy readout
     gathers = False
 
-    def __init__(self, encoder: Encoder, momentum: float = 0.996, momentum_schedule: str = "cosine",
-                 predictor_hidden: int = 512, symmetric: bool = True) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        momentum: float = 0.996,
+        momentum_schedule: str = "cosine",
+        predictor_hidden: int = 512,
+        symmetric: bool = True,
+    ) -> None:
         super().__init__(encoder)
         check_momentum(momentum, momentum_schedule)
         self.momentum, self.schedule, self.symmetric = float(momentum), momentum_schedule, symmetric
@@ -77,9 +83,16 @@ class BYOL(Method):
             t = self.target(torch.cat([imgs_s, imgs_q]))
         t_s, t_q = t[: e * ns].view(e, ns, -1), t[e * ns :].view(e, nq, -1)
         p_s, p_q = p[: e * ns].view(e, ns, -1), p[e * ns :].view(e, nq, -1)
-        swapped = episode.replace(support=t_q, query=p_s, support_labels=episode.query_labels,
-                                  query_labels=episode.support_labels, n_supp=episode.n_query,
-                                  n_query=episode.n_supp, query_labels_mix=None, mix_weight=None)
+        swapped = episode.replace(
+            support=t_q,
+            query=p_s,
+            support_labels=episode.query_labels,
+            query_labels=episode.support_labels,
+            n_supp=episode.n_query,
+            n_query=episode.n_supp,
+            query_labels_mix=None,
+            mix_weight=None,
+        )
         return [episode.replace(support=t_s, query=p_q), swapped]
 
     def score(self, episodes: list[Episode], head: Head) -> HeadOutput:

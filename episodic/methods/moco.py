@@ -40,13 +40,21 @@ from episodic.tasks.scope import ScopePlan
 class MoCo(Method):
     """Momentum-encoder support, online-encoder queries, a queue of past supports as extra classes."""
 
-    def __init__(self, encoder: Encoder, momentum: float = 0.999, queue_size: int = 65536,
-                 momentum_schedule: str = "constant", predictor_hidden: int | None = None,
-                 symmetric: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        momentum: float = 0.999,
+        queue_size: int = 65536,
+        momentum_schedule: str = "constant",
+        predictor_hidden: int | None = None,
+        symmetric: bool = False,
+    ) -> None:
         super().__init__(encoder)
         check_momentum(momentum, momentum_schedule)
-        check(isinstance(queue_size, int) and queue_size >= 0,
-              f"method.params.queue_size={queue_size!r} is not allowed; use an integer >= 0")
+        check(
+            isinstance(queue_size, int) and queue_size >= 0,
+            f"method.params.queue_size={queue_size!r} is not allowed; use an integer >= 0",
+        )
         self.momentum, self.schedule = float(momentum), momentum_schedule
         self.queue_size, self.symmetric = queue_size, symmetric
         self.momentum_encoder = frozen_copy(encoder)
@@ -56,10 +64,12 @@ class MoCo(Method):
         self.queue = RingBuffer(torch.randn(queue_size, d))
 
     def validate_head(self, head: Head) -> None:
-        check(not self.queue_size or head.supports_memory,
-              f"method=moco with queue_size={self.queue_size} adds that many classes to the head, which "
-              f"head={head.name} cannot take; use head=contrastive, protonet or r2d2, or "
-              "method.params.queue_size=0")
+        check(
+            not self.queue_size or head.supports_memory,
+            f"method=moco with queue_size={self.queue_size} adds that many classes to the head, which "
+            f"head={head.name} cannot take; use head=contrastive, protonet or r2d2, or "
+            "method.params.queue_size=0",
+        )
 
     def online(self, x: Tensor) -> Tensor:
         z = self.encoder(x)
@@ -70,18 +80,26 @@ class MoCo(Method):
         return self.momentum_encoder(x)
 
     def _embed(self, episode: Episode, transform: Embeddings) -> Episode:
-        return episode.embed(lambda x: transform(self.online(x)),
-                             support_encoder=lambda x: transform(self.key(x)).detach())
+        return episode.embed(
+            lambda x: transform(self.online(x)), support_encoder=lambda x: transform(self.key(x)).detach()
+        )
 
     def embed(self, episode: Episode, transform: Embeddings) -> list[Episode]:
         if not self.symmetric:
             return [self._embed(episode, transform)]
-        check(episode.mix_weight is None,
-              "method.params.symmetric=true swaps support and query images, which mixed (CutMix) "
-              "queries cannot be; turn one of them off")
-        swapped = episode.replace(support=episode.query, query=episode.support,
-                                  support_labels=episode.query_labels, query_labels=episode.support_labels,
-                                  n_supp=episode.n_query, n_query=episode.n_supp)
+        check(
+            episode.mix_weight is None,
+            "method.params.symmetric=true swaps support and query images, which mixed (CutMix) "
+            "queries cannot be; turn one of them off",
+        )
+        swapped = episode.replace(
+            support=episode.query,
+            query=episode.support,
+            support_labels=episode.query_labels,
+            query_labels=episode.support_labels,
+            n_supp=episode.n_query,
+            n_query=episode.n_supp,
+        )
         return [self._embed(episode, transform), self._embed(swapped, transform)]
 
     def memory(self) -> Tensor | None:

@@ -46,5 +46,7 @@ def ema_update(target: nn.Module, online: nn.Module, m: float) -> None:
 
 def check_momentum(momentum: float, schedule: str) -> None:
     check(0 <= momentum <= 1, f"method.params.momentum={momentum} is not allowed; use a value in [0, 1]")
-    check(schedule in SCHEDULES,
-          f"method.params.momentum_schedule={schedule!r} is not allowed; use {' or '.join(SCHEDULES)}")
+    check(
+        schedule in SCHEDULES,
+        f"method.params.momentum_schedule={schedule!r} is not allowed; use {' or '.join(SCHEDULES)}",
+    )

@@ -24,8 +24,12 @@ class Encoder(nn.Module):
         return self.projector(self.backbone(x))
 
 
-def build_encoder(backbone: str, in_channels: int, backbone_params: dict[str, Any] | None = None,
-                  projector_params: dict[str, Any] | None = None) -> Encoder:
+def build_encoder(
+    backbone: str,
+    in_channels: int,
+    backbone_params: dict[str, Any] | None = None,
+    projector_params: dict[str, Any] | None = None,
+) -> Encoder:
     """Build ``Encoder`` from registry names and parameter dicts (the Hydra ``backbone`` group)."""
     net = BACKBONES.build(backbone, in_channels=in_channels, **(backbone_params or {}))
     return Encoder(net, Projector(net.feat_dim, **(projector_params or {})))

@@ -10,6 +10,8 @@ Parameter names match torchvision's, so an exported state dict loads into ``torc
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -32,8 +34,9 @@ class Backbone(nn.Module):
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+    )
 
 
 @BACKBONES.register("conv4")
@@ -45,7 +48,7 @@ class Conv4(Backbone):
         positive("backbone.params.width", width)
         positive("backbone.params.depth", depth)
         chans = [in_channels] + [width] * depth
-        self.features = nn.Sequential(*[_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.features = nn.Sequential(*[_conv_block(a, b) for a, b in itertools.pairwise(chans)])
         self.feat_dim = width
 
     def forward(self, x: Tensor) -> Tensor:
@@ -76,8 +79,9 @@ class ResNetTiny(Backbone):
         super().__init__()
         positive("backbone.params.width", width)
         positive("backbone.params.blocks", blocks)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         layers, cin = [], width
         for i in range(4):
             cout = width * 2**i

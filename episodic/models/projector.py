@@ -14,8 +14,9 @@ from episodic.errors import check
 class Projector(nn.Module):
     """MLP projector; ``out_dim`` is the embedding width the head sees."""
 
-    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, layers: int = 2,
-                 last_bn: bool = False) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, layers: int = 2, last_bn: bool = False
+    ) -> None:
         super().__init__()
         for key, value in (("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             check(value >= 1, f"backbone.projector.{key}={value} is not allowed; use an integer >= 1")

@@ -32,7 +32,7 @@ from torch import Tensor
 from episodic.errors import EpisodicError, check
 from episodic.registry import Registry
 
-SOLVERS: Registry[type["QPSolver"]] = Registry("QP backend", "episodic.solvers")
+SOLVERS: Registry[type[QPSolver]] = Registry("QP backend", "episodic.solvers")
 
 
 def project_rows(v: Tensor, upper: Tensor, C: float, max_steps: int = 200) -> Tensor:
@@ -127,13 +127,18 @@ class QPSolver:
     checks_itself: bool = False
 
     def __init__(self, C: float = 0.1, max_iter: int | None = None, tol: float | None = None) -> None:
-        check(isinstance(C, (int, float)) and math.isfinite(C) and C > 0,
-              f"head.params.C={C!r} is not allowed; the SVM box bound must be a finite number > 0 "
-              "(MetaOptNet uses 0.1)")
-        check(max_iter is None or (isinstance(max_iter, int) and max_iter >= 1),
-              f"head.params.max_iter={max_iter!r} is not allowed; use an integer >= 1 or null")
-        check(tol is None or (isinstance(tol, (int, float)) and tol > 0),
-              f"head.params.tol={tol!r} is not allowed; use a number > 0 or null")
+        check(
+            isinstance(C, (int, float)) and math.isfinite(C) and C > 0,
+            f"head.params.C={C!r} is not allowed; the SVM box bound must be a finite number > 0 (MetaOptNet uses 0.1)",
+        )
+        check(
+            max_iter is None or (isinstance(max_iter, int) and max_iter >= 1),
+            f"head.params.max_iter={max_iter!r} is not allowed; use an integer >= 1 or null",
+        )
+        check(
+            tol is None or (isinstance(tol, (int, float)) and tol > 0),
+            f"head.params.tol={tol!r} is not allowed; use a number > 0 or null",
+        )
         self.C = float(C)
         self.max_iter = self.default_max_iter if max_iter is None else max_iter
         self.tol = self.default_tol if tol is None else float(tol)
@@ -145,8 +150,10 @@ class QPSolver:
         """``'2 episodes of 16-way x 1-shot (256 dual variables each), backend=fast'``."""
         e, n = support.shape[:2]
         shot = f"{n // n_way}-shot" if n % n_way == 0 else f"{n} support rows"
-        return (f"{e} episode{'s' if e != 1 else ''} of {n_way}-way x {shot} "
-                f"({n * n_way} dual variables each), backend={self.name}")
+        return (
+            f"{e} episode{'s' if e != 1 else ''} of {n_way}-way x {shot} "
+            f"({n * n_way} dual variables each), backend={self.name}"
+        )
 
     def fail(self, support: Tensor, n_way: int, residual: float, iters: str) -> EpisodicError:
         """The error for a QP that did not converge."""
@@ -158,12 +165,15 @@ class QPSolver:
 
     def __call__(self, support: Tensor, labels: Tensor, n_way: int) -> Tensor:
         """Dual variables ``alpha [E, n, n_way]`` for ``support [E, n, d]`` and ``labels [E, n]``."""
-        check(support.dim() == 3 and labels.shape == support.shape[:2],
-              f"support {tuple(support.shape)} and labels {tuple(labels.shape)} must be [E, n, d] and [E, n]")
+        check(
+            support.dim() == 3 and labels.shape == support.shape[:2],
+            f"support {tuple(support.shape)} and labels {tuple(labels.shape)} must be [E, n, d] and [E, n]",
+        )
         check(n_way >= 2, f"n_way={n_way} is not allowed for the SVM head; use n_way >= 2")
-        check(bool(((labels >= 0) & (labels < n_way)).all()),
-              f"support labels must lie in [0, {n_way}); got values from {int(labels.min())} "
-              f"to {int(labels.max())}")
+        check(
+            bool(((labels >= 0) & (labels < n_way)).all()),
+            f"support labels must lie in [0, {n_way}); got values from {int(labels.min())} to {int(labels.max())}",
+        )
         if not bool(torch.isfinite(support).all()):
             raise EpisodicError(
                 f"non-finite (NaN or inf) support embeddings on {self.describe(support, n_way)}; "

@@ -36,8 +36,9 @@ class CvxpyLayersSolver(QPSolver):
     default_max_iter = 200
     default_tol = 1e-4
 
-    def __init__(self, C: float = 0.1, max_iter: int | None = None, tol: float | None = None,
-                 solve_method: str = "Clarabel") -> None:
+    def __init__(
+        self, C: float = 0.1, max_iter: int | None = None, tol: float | None = None, solve_method: str = "Clarabel"
+    ) -> None:
         super().__init__(C, max_iter, tol)
         require("cvxpylayers", self.name)
         require("cvxpy", self.name)
@@ -55,24 +56,21 @@ class CvxpyLayersSolver(QPSolver):
             x = cp.Parameter((n, d))
             y = cp.Parameter((n, k))
             alpha = cp.Variable((n, k))
-            objective = (0.5 * cp.sum_squares(x.T @ alpha) + 0.5 * cp.sum_squares(alpha)
-                         - cp.sum(cp.multiply(y, alpha)))
+            objective = 0.5 * cp.sum_squares(x.T @ alpha) + 0.5 * cp.sum_squares(alpha) - cp.sum(cp.multiply(y, alpha))
             problem = cp.Problem(cp.Minimize(objective), [alpha <= self.C * y, cp.sum(alpha, axis=1) == 0])
             self._layers[key] = CvxpyLayer(problem, parameters=[x, y], variables=[alpha])
         return self._layers[key]
 
     def solve(self, support: Tensor, onehot: Tensor) -> Tensor:
-        e, n, d = support.shape
+        _, n, d = support.shape
         k = onehot.shape[-1]
         args: dict[str, Any] = {"solve_method": self.solve_method}
         if self.solve_method == "Clarabel":
-            args.update(max_iter=self.max_iter, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11,
-                        tol_ktratio=1e-9)
+            args.update(max_iter=self.max_iter, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9)
         else:
             args.update(max_iters=self.max_iter * 1000, eps_abs=1e-10, eps_rel=1e-10)
         try:
-            (alpha,) = self._layer(n, k, d)(support.double().cpu(), onehot.double().detach().cpu(),
-                                           solver_args=args)
+            (alpha,) = self._layer(n, k, d)(support.double().cpu(), onehot.double().detach().cpu(), solver_args=args)
         except Exception as exc:  # diffcp / the cone solver raise assorted types on failure
             raise EpisodicError(
                 f"SVM QP failed on {self.describe(support, k)}: {type(exc).__name__}: {exc}; "

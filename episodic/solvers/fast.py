@@ -36,7 +36,8 @@ generic ``nk x nk`` KKT factorisation:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ class _CSDualFunction(torch.autograd.Function):
     """``support [E, n, d]`` (float64) -> ``alpha [E, n, k]``, with the implicit backward."""
 
     @staticmethod
-    def forward(ctx: Any, support: Tensor, onehot: Tensor, solver: "FastSolver") -> Tensor:
+    def forward(ctx: Any, support: Tensor, onehot: Tensor, solver: FastSolver) -> Tensor:
         alpha = solver.solve_numeric(support, onehot)
         ctx.solver = solver
         ctx.save_for_backward(support, alpha, onehot)
@@ -102,11 +103,20 @@ class FastSolver(QPSolver):
     default_tol = 1e-7
     checks_itself = True
 
-    def __init__(self, C: float = 0.1, max_iter: int | None = None, tol: float | None = None,
-                 warm_start: bool = True, cg_tol: float = 1e-10, cg_max_iter: int = 1000) -> None:
+    def __init__(
+        self,
+        C: float = 0.1,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        warm_start: bool = True,
+        cg_tol: float = 1e-10,
+        cg_max_iter: int = 1000,
+    ) -> None:
         super().__init__(C, max_iter, tol)
-        check(cg_tol > 0 and cg_max_iter >= 1,
-              f"cg_tol={cg_tol!r}, cg_max_iter={cg_max_iter!r} are not allowed; use > 0 and >= 1")
+        check(
+            cg_tol > 0 and cg_max_iter >= 1,
+            f"cg_tol={cg_tol!r}, cg_max_iter={cg_max_iter!r} are not allowed; use > 0 and >= 1",
+        )
         self.warm_start = warm_start
         self.cg_tol, self.cg_max_iter = cg_tol, cg_max_iter
         self.last_iters = 0  # FISTA iterations of the last solve (for benchmarks and logs)
@@ -125,8 +135,13 @@ class FastSolver(QPSolver):
         diag = (support * support).sum(-1, keepdim=True)  # K_ii
         cold = project_rows(onehot / (diag + 1), upper, self.C)
         last = self._last
-        if not (self.warm_start and last is not None and last[0].shape == onehot.shape
-                and last[0].device == onehot.device and torch.equal(last[0], onehot)):
+        if not (
+            self.warm_start
+            and last is not None
+            and last[0].shape == onehot.shape
+            and last[0].device == onehot.device
+            and torch.equal(last[0], onehot)
+        ):
             return cold
         warm = last[1]
         better = objective(warm, support, onehot) < objective(cold, support, onehot)

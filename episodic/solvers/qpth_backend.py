@@ -34,8 +34,10 @@ def cs_dual_qp(support: Tensor, onehot: Tensor, C: float) -> tuple[Tensor, ...]:
     p = -onehot.reshape(e, nk)
     g = torch.eye(nk, dtype=support.dtype, device=support.device)
     h = C * onehot.reshape(e, nk)
-    a = torch.kron(torch.eye(n, dtype=support.dtype, device=support.device),
-                   torch.ones(1, k, dtype=support.dtype, device=support.device))
+    a = torch.kron(
+        torch.eye(n, dtype=support.dtype, device=support.device),
+        torch.ones(1, k, dtype=support.dtype, device=support.device),
+    )
     b = torch.zeros(n, dtype=support.dtype, device=support.device)
     return q_mat, p, g, h, a, b
 

@@ -8,5 +8,13 @@ from episodic.tasks.augment import TASK_AUGMENTS, TaskContext, TaskPipeline, bui
 from episodic.tasks.episode import Episode
 from episodic.tasks.samplers import SAMPLERS, Sampler, ViewSampler
 
-__all__ = ["Episode", "SAMPLERS", "Sampler", "ViewSampler", "TASK_AUGMENTS", "TaskContext", "TaskPipeline",
-           "build_task_pipeline"]
+__all__ = [
+    "SAMPLERS",
+    "TASK_AUGMENTS",
+    "Episode",
+    "Sampler",
+    "TaskContext",
+    "TaskPipeline",
+    "ViewSampler",
+    "build_task_pipeline",
+]

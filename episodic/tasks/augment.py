@@ -31,8 +31,9 @@ Images in an episode are the augmented views (float, possibly normalised with th
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,10 +42,20 @@ from episodic.errors import EpisodicError, check
 from episodic.registry import Registry, unknown_keywords
 from episodic.tasks.episode import Episode
 
-TASK_AUGMENTS: Registry[type["TaskAugment"]] = Registry("task augmentation", "episodic.tasks")
+TASK_AUGMENTS: Registry[type[TaskAugment]] = Registry("task augmentation", "episodic.tasks")
 
-__all__ = ["TASK_AUGMENTS", "AuxBatch", "Draw", "NewClassTransform", "TaskAugment", "TaskContext",
-           "TaskPipeline", "build_task_pipeline", "image_views", "from_image_views"]
+__all__ = [
+    "TASK_AUGMENTS",
+    "AuxBatch",
+    "Draw",
+    "NewClassTransform",
+    "TaskAugment",
+    "TaskContext",
+    "TaskPipeline",
+    "build_task_pipeline",
+    "from_image_views",
+    "image_views",
+]
 
 
 @dataclass(frozen=True)
@@ -112,9 +123,12 @@ def image_views(episode: Episode) -> Tensor:
     """All views of every image: ``[E, V, n_way, ...]`` with ``V = n_supp + n_query`` (support views
     first). Needs the view-major layout the :class:`ViewSampler` builds (no extra or mixed queries)."""
     e, n = episode.n_episodes, episode.n_way
-    check(episode.support.shape[1] == n * episode.n_supp and episode.query.shape[1] == n * episode.n_query
-          and episode.query_labels_mix is None,
-          "this task augmentation needs the plain view-major episode layout; apply it before query mixing")
+    check(
+        episode.support.shape[1] == n * episode.n_supp
+        and episode.query.shape[1] == n * episode.n_query
+        and episode.query_labels_mix is None,
+        "this task augmentation needs the plain view-major episode layout; apply it before query mixing",
+    )
     rest = episode.support.shape[2:]
     s = episode.support.reshape(e, episode.n_supp, n, *rest)
     q = episode.query.reshape(e, episode.n_query, n, *rest)
@@ -123,7 +137,7 @@ def image_views(episode: Episode) -> Tensor:
 
 def from_image_views(episode: Episode, views: Tensor) -> Episode:
     """The episode holding ``views [E, V, n_way', ...]`` (``n_way'`` may differ from the input's)."""
-    e, v, n = views.shape[:3]
+    e, _, n = views.shape[:3]
     rest = views.shape[3:]
     ns, nq = episode.n_supp, episode.n_query
     labels = torch.arange(n, device=views.device)
@@ -132,7 +146,9 @@ def from_image_views(episode: Episode, views: Tensor) -> Episode:
         query=views[:, ns:].reshape(e, nq * n, *rest),
         support_labels=labels.repeat(ns).expand(e, -1),
         query_labels=labels.repeat(nq).expand(e, -1),
-        n_way=n, query_labels_mix=None, mix_weight=None,
+        n_way=n,
+        query_labels_mix=None,
+        mix_weight=None,
     )
 
 
@@ -142,8 +158,10 @@ def from_image_views(episode: Episode, views: Tensor) -> Episode:
 
 
 def check_probability(name: str, value: Any) -> float:
-    check(isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0,
-          f"task.{name} must be a probability in [0, 1], got {value!r}")
+    check(
+        isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0,
+        f"task.{name} must be a probability in [0, 1], got {value!r}",
+    )
     return float(value)
 
 
@@ -202,7 +220,7 @@ class NewClassTransform(TaskAugment):
             if len(ei):  # views is a fresh tensor (image_views concatenates), safe to write
                 views[ei, :, ii] = self.transform(views[ei, :, ii], params)
             return from_image_views(episode, views)
-        m = min(n, int(round(self.p * n)))
+        m = min(n, round(self.p * n))
         pick = draw.perm(e, n)[:, :m]  # [E, m] distinct images per episode
         params = self.sample(e * m, draw)
         if m == 0:
@@ -235,33 +253,40 @@ class TaskPipeline(nn.Module):
 
     def __init__(self, augments: Sequence[TaskAugment] = ()) -> None:
         super().__init__()
-        self.augments = nn.ModuleList(sorted(augments, key=lambda a: a.stage))
+        ordered: list[TaskAugment] = sorted(augments, key=lambda a: a.stage)
+        self.augments = nn.ModuleList(ordered)
+
+    @property
+    def stages(self) -> list[TaskAugment]:
+        """The augmentations in the order they run."""
+        return list(self.augments)  # type: ignore[arg-type]  # ModuleList of TaskAugment modules
 
     @property
     def names(self) -> list[str]:
-        return [a.name for a in self.augments]
+        return [a.name for a in self.stages]
 
-    def forward(self, episode: Episode, generator: torch.Generator | None = None, step: int = 0,
-                total: int = 1) -> tuple[Episode, list[AuxBatch]]:
+    def forward(
+        self, episode: Episode, generator: torch.Generator | None = None, step: int = 0, total: int = 1
+    ) -> tuple[Episode, list[AuxBatch]]:
         """Augment an image episode; returns it and the auxiliary batches for :meth:`aux_loss`."""
         draw = Draw(generator, episode.support.device)
         aux: list[AuxBatch] = []
-        for i, a in enumerate(self.augments):
+        for i, a in enumerate(self.stages):
             if a.stage == 0:
                 batch = a.aux_batch(episode, draw, step, total)
                 if batch is not None:
                     batch.index = i
                     aux.append(batch)
-        for a in self.augments:
+        for a in self.stages:
             if a.stage > 0:
                 episode = a(episode, draw)
         return episode, aux
 
     def aux_loss(self, encoder: nn.Module, batches: Sequence[AuxBatch]) -> Tensor | None:
         """Sum of ``weight * loss`` over the auxiliary batches (``None`` when there are none)."""
-        total = None
+        total: Tensor | None = None
         for b in batches:
-            term = b.weight * self.augments[b.index].aux_loss(encoder, b)
+            term = b.weight * self.stages[b.index].aux_loss(encoder, b)
             total = term if total is None else total + term
         return total
 
@@ -270,8 +295,10 @@ def build_task_pipeline(task_cfg: Mapping[str, Any] | None, ctx: TaskContext | N
     """Build from the ``task`` config group: ``augment`` lists names, ``<name>`` holds parameters."""
     cfg = dict(task_cfg or {})
     names = cfg.get("augment") or []
-    check(isinstance(names, Sequence) and not isinstance(names, str) and all(isinstance(n, str) for n in names),
-          f"task.augment must be a list of names such as [rotate,query_mix], got {names!r}")
+    check(
+        isinstance(names, Sequence) and not isinstance(names, str) and all(isinstance(n, str) for n in names),
+        f"task.augment must be a list of names such as [rotate,query_mix], got {names!r}",
+    )
     names = list(names)
     dup = sorted({n for n in names if list(names).count(n) > 1})
     check(not dup, f"task.augment lists {dup} more than once; list each augmentation once")

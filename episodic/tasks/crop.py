@@ -22,9 +22,13 @@ from episodic.tasks.augment import TASK_AUGMENTS, Draw, NewClassTransform, TaskC
 
 @TASK_AUGMENTS.register("crop")
 class LargeCrop(NewClassTransform):
-
-    def __init__(self, ctx: TaskContext, p: float = 0.25, mode: str = "replace",
-                 scale: tuple[float, float] | list[float] = (0.1, 0.3)) -> None:
+    def __init__(
+        self,
+        ctx: TaskContext,
+        p: float = 0.25,
+        mode: str = "replace",
+        scale: tuple[float, float] | list[float] = (0.1, 0.3),
+    ) -> None:
         super().__init__(ctx, p, mode)
         try:
             lo, hi = (float(v) for v in scale)
@@ -47,6 +51,7 @@ class LargeCrop(NewClassTransform):
         theta[:, 1, 1], theta[:, 1, 2] = a, 2.0 * t + a - 1.0
         theta = theta.repeat_interleave(v, dim=0)
         grid = F.affine_grid(theta, [n * v, c, h, w], align_corners=False)
-        out = F.grid_sample(x.reshape(n * v, c, h, w), grid, mode="bilinear", padding_mode="border",
-                            align_corners=False)
+        out = F.grid_sample(
+            x.reshape(n * v, c, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
         return out.view(n, v, c, h, w)

@@ -11,12 +11,12 @@ augmentations act on images and heads act on embeddings with one type.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
-
 
 
 @dataclass
@@ -47,14 +47,14 @@ class Episode:
     def n_episodes(self) -> int:
         return self.support.shape[0]
 
-    def replace(self, **changes: object) -> "Episode":
+    def replace(self, **changes: Any) -> Episode:
         return replace(self, **changes)
 
     def embed(
         self,
         encoder: Callable[[Tensor], Tensor],
         support_encoder: Callable[[Tensor], Tensor] | None = None,
-    ) -> "Episode":
+    ) -> Episode:
         """Run images through ``encoder`` and return the same episode holding embeddings.
 
         With one encoder, support and query go through a single forward (BatchNorm sees every

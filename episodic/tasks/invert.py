@@ -14,7 +14,6 @@ from episodic.tasks.augment import TASK_AUGMENTS, Draw, NewClassTransform, pixel
 
 @TASK_AUGMENTS.register("invert")
 class Invert(NewClassTransform):
-
     def sample(self, n: int, draw: Draw) -> dict[str, Tensor]:
         return {}
 

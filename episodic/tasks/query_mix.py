@@ -47,8 +47,7 @@ def box_masks(lam: Tensor, cy: Tensor, cx: Tensor, h: int, w: int) -> tuple[Tens
     x1 = (cx + cw / 2).round().clamp(0, w).long()
     ys = torch.arange(h, device=lam.device).view(1, h, 1)
     xs = torch.arange(w, device=lam.device).view(1, 1, w)
-    inside = ((ys >= y0.view(-1, 1, 1)) & (ys < y1.view(-1, 1, 1)) &
-              (xs >= x0.view(-1, 1, 1)) & (xs < x1.view(-1, 1, 1)))
+    inside = (ys >= y0.view(-1, 1, 1)) & (ys < y1.view(-1, 1, 1)) & (xs >= x0.view(-1, 1, 1)) & (xs < x1.view(-1, 1, 1))
     area = ((y1 - y0) * (x1 - x0)).to(lam.dtype)
     return inside.unsqueeze(1), 1.0 - area / (h * w)
 
@@ -57,8 +56,9 @@ def box_masks(lam: Tensor, cy: Tensor, cx: Tensor, h: int, w: int) -> tuple[Tens
 class QueryMix(TaskAugment):
     stage = 2
 
-    def __init__(self, ctx: TaskContext, p: float = 1.0, cutmix_p: float = 0.5, alpha: float = 1.0,
-                 keep_clean: bool = True) -> None:
+    def __init__(
+        self, ctx: TaskContext, p: float = 1.0, cutmix_p: float = 0.5, alpha: float = 1.0, keep_clean: bool = True
+    ) -> None:
         super().__init__()
         self.p = check_probability("query_mix.p", p)
         self.cutmix_p = check_probability("query_mix.cutmix_p", cutmix_p)
@@ -68,8 +68,10 @@ class QueryMix(TaskAugment):
 
     def forward(self, episode: Episode, draw: Draw) -> Episode:
         e, n, nq = episode.n_episodes, episode.n_way, episode.query.shape[1]
-        check(nq == n * episode.n_query and episode.query_labels_mix is None,
-              "query_mix needs the plain view-major query layout and can be applied once")
+        check(
+            nq == n * episode.n_query and episode.query_labels_mix is None,
+            "query_mix needs the plain view-major query layout and can be applied once",
+        )
         q = episode.query  # [E, Nq, C, H, W], row r = view r // n of image r % n
         h, w = q.shape[-2:]
         pi = cyclic_derangement(draw.perm(e, n))  # [E, n]
@@ -92,7 +94,10 @@ class QueryMix(TaskAugment):
         labels = episode.query_labels
         mix_labels = labels.gather(1, partner_row)
         if self.keep_clean:
-            return episode.replace(query=torch.cat([q, x], 1), query_labels=torch.cat([labels, labels], 1),
-                                   query_labels_mix=torch.cat([labels, mix_labels], 1),
-                                   mix_weight=torch.cat([torch.ones_like(weight), weight], 1))
+            return episode.replace(
+                query=torch.cat([q, x], 1),
+                query_labels=torch.cat([labels, labels], 1),
+                query_labels_mix=torch.cat([labels, mix_labels], 1),
+                mix_weight=torch.cat([torch.ones_like(weight), weight], 1),
+            )
         return episode.replace(query=x, query_labels=labels, query_labels_mix=mix_labels, mix_weight=weight)

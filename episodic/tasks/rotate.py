@@ -20,7 +20,6 @@ from episodic.tasks.augment import TASK_AUGMENTS, Draw, NewClassTransform, rotat
 
 @TASK_AUGMENTS.register("rotate")
 class Rotate(NewClassTransform):
-
     def sample(self, n: int, draw: Draw) -> dict[str, Tensor]:
         return {"k": draw.randint(1, 4, n)}
 

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from episodic.errors import check
-from episodic.tasks.augment import (TASK_AUGMENTS, AuxBatch, Draw, TaskAugment, TaskContext, cosine_weight,
-                                    rotate_groups)
+from episodic.tasks.augment import TASK_AUGMENTS, AuxBatch, Draw, TaskAugment, TaskContext, cosine_weight, rotate_groups
 from episodic.tasks.episode import Episode
 
 
@@ -28,21 +27,25 @@ from episodic.tasks.episode import Episode
 class RotationLoss(TaskAugment):
     stage = 0
 
-    def __init__(self, ctx: TaskContext, weight: float = 0.5, decay: str = "none", share: float = 1.0,
-                 normalize: bool = True) -> None:
+    def __init__(
+        self, ctx: TaskContext, weight: float = 0.5, decay: str = "none", share: float = 1.0, normalize: bool = True
+    ) -> None:
         super().__init__()
-        check(isinstance(weight, (int, float)) and weight >= 0,
-              f"task.rotation_loss.weight must be >= 0, got {weight!r}")
+        check(
+            isinstance(weight, (int, float)) and weight >= 0, f"task.rotation_loss.weight must be >= 0, got {weight!r}"
+        )
         check(decay in ("none", "cosine"), f"task.rotation_loss.decay={decay!r} is not allowed; use none or cosine")
-        check(isinstance(share, (int, float)) and 0.0 < share <= 1.0,
-              f"task.rotation_loss.share must be in (0, 1], got {share!r}")
+        check(
+            isinstance(share, (int, float)) and 0.0 < share <= 1.0,
+            f"task.rotation_loss.share must be in (0, 1], got {share!r}",
+        )
         self.weight, self.decay, self.share, self.normalize = float(weight), decay, float(share), bool(normalize)
         self.classifier = nn.Linear(ctx.embed_dim, 4)
 
     def aux_batch(self, episode: Episode, draw: Draw, step: int, total: int) -> AuxBatch | None:
         views = torch.cat([episode.support.flatten(0, 1), episode.query.flatten(0, 1)])  # [M, C, H, W]
         m = len(views)
-        take = max(1, int(round(self.share * m)))
+        take = max(1, round(self.share * m))
         idx = draw.perm(1, m)[0, :take]
         k = draw.randint(0, 4, take)
         w = cosine_weight(self.weight, self.decay, step, total)

@@ -104,48 +104,63 @@ class ScopePlan:
 
     def describe(self) -> str:
         micro = self.local_batch * self.world_size
-        per = f"{self.world_size} processes x {self.local_batch} images" if self.world_size > 1 \
+        per = (
+            f"{self.world_size} processes x {self.local_batch} images"
+            if self.world_size > 1
             else f"{self.local_batch} images"
+        )
         text = f"task.scope={self.scope}: {self.n_way}-way episodes from micro-batches of {micro} ({per})"
         if self.spans:
-            text += (f"; each episode spans {self.ranks_per_episode} processes "
-                     f"(support gathered with gradient)")
+            text += f"; each episode spans {self.ranks_per_episode} processes (support gathered with gradient)"
         if self.accu_iter > 1:
             text += f"; {self.accu_iter} micro-batches per optimizer step"
         return text
 
 
-def plan_scope(scope: str, n_way: int | None, batch_size: int, world_size: int = 1, rank: int = 0,
-               accu_iter: int = 1) -> ScopePlan:
+def plan_scope(
+    scope: str, n_way: int | None, batch_size: int, world_size: int = 1, rank: int = 0, accu_iter: int = 1
+) -> ScopePlan:
     """Check the episode layout for ``batch_size`` images over ``world_size`` processes and
     ``accu_iter`` micro-batches; raise :class:`EpisodicError` naming the allowed values."""
     check(scope in SCOPES, f"task.scope={scope!r} is not allowed; use {' or '.join(SCOPES)}")
-    check(isinstance(accu_iter, int) and accu_iter >= 1,
-          f"optim.accu_iter={accu_iter!r} is not allowed; use an integer >= 1")
+    check(
+        isinstance(accu_iter, int) and accu_iter >= 1,
+        f"optim.accu_iter={accu_iter!r} is not allowed; use an integer >= 1",
+    )
     parts = accu_iter * world_size
-    check(batch_size % parts == 0,
-          f"batch_size={batch_size} is not divisible by optim.accu_iter x processes = "
-          f"{accu_iter} x {world_size}; use a multiple of {parts}")
+    check(
+        batch_size % parts == 0,
+        f"batch_size={batch_size} is not divisible by optim.accu_iter x processes = "
+        f"{accu_iter} x {world_size}; use a multiple of {parts}",
+    )
     micro = batch_size // accu_iter
     b = micro // world_size
-    check(n_way is None or (isinstance(n_way, int) and n_way >= 2),
-          f"n_way={n_way!r} is not allowed; use an integer >= 2 or null (the whole batch)")
+    check(
+        n_way is None or (isinstance(n_way, int) and n_way >= 2),
+        f"n_way={n_way!r} is not allowed; use an integer >= 2 or null (the whole batch)",
+    )
     if scope == "local" and parts > 1:
         n = n_way or b
-        check(b % n == 0,
-              f"n_way={n} does not divide the {b} images each process holds per micro-batch "
-              f"(task.scope=local, batch_size={batch_size} / optim.accu_iter={accu_iter} / {world_size} "
-              f"processes); use a divisor of {b} or n_way=null")
+        check(
+            b % n == 0,
+            f"n_way={n} does not divide the {b} images each process holds per micro-batch "
+            f"(task.scope=local, batch_size={batch_size} / optim.accu_iter={accu_iter} / {world_size} "
+            f"processes); use a divisor of {b} or n_way=null",
+        )
         return ScopePlan(scope, n, n, b, world_size, rank, accu_iter)
     n = n_way or micro
-    check(micro % n == 0, f"n_way={n} does not divide the batch of {micro} images; use a divisor of {micro} "
-                          f"(or n_way=null for one episode per batch)")
+    check(
+        micro % n == 0,
+        f"n_way={n} does not divide the batch of {micro} images; use a divisor of {micro} "
+        f"(or n_way=null for one episode per batch)",
+    )
     if not (b % n == 0 or n % b == 0):
         raise EpisodicError(
             f"n_way={n} would split an episode unevenly over processes holding {b} images each "
             f"(batch_size={batch_size}, {world_size} processes, optim.accu_iter={accu_iter}); "
             f"use n_way dividing {b}, or a multiple of {b} dividing {micro} "
-            f"(n_way=null: the whole micro-batch)")
+            f"(n_way=null: the whole micro-batch)"
+        )
     return ScopePlan(scope, n, min(n, b), b, world_size, rank, accu_iter)
 
 
@@ -186,17 +201,17 @@ def globalize(episode: Episode, plan: ScopePlan, all_views: bool) -> Episode:
         support_labels=join_labels(episode.support_labels, episode.n_supp),
         n_way=k * n_l,
     )
-    mix = episode.query_labels_mix is not None and episode.mix_weight is not None
+    mix_labels, mix_weight = episode.query_labels_mix, episode.mix_weight
     if all_views:
         changes["query"] = join(episode.query, episode.n_query, True)
         changes["query_labels"] = join_labels(episode.query_labels, episode.n_query)
-        if mix:
-            changes["query_labels_mix"] = join_labels(episode.query_labels_mix, episode.n_query)
-            changes["mix_weight"] = join(episode.mix_weight, episode.n_query, False)
+        if mix_labels is not None and mix_weight is not None:
+            changes["query_labels_mix"] = join_labels(mix_labels, episode.n_query)
+            changes["mix_weight"] = join(mix_weight, episode.n_query, False)
     else:
         changes["query_labels"] = episode.query_labels + j * n_l
-        if mix:
-            changes["query_labels_mix"] = episode.query_labels_mix + j * n_l
+        if mix_labels is not None and mix_weight is not None:
+            changes["query_labels_mix"] = mix_labels + j * n_l
     return episode.replace(**changes)
 
 

@@ -22,8 +22,9 @@ from episodic.heads.variants.base import VARIANTS, Pairing, Variant
 from episodic.registry import unknown_keywords
 
 
-def attach_variants(head: Head, variants: Mapping[str, Any] | None, method: Pairing | None = None,
-                    dim: int | None = None) -> Head:
+def attach_variants(
+    head: Head, variants: Mapping[str, Any] | None, method: Pairing | None = None, dim: int | None = None
+) -> Head:
     """Build the variants named in ``variants`` (name -> params), validate and attach them to ``head``.
 
     ``dim`` is the embedding width, passed to the variants whose constructor takes it (memory banks).
@@ -33,9 +34,12 @@ def attach_variants(head: Head, variants: Mapping[str, Any] | None, method: Pair
         width = {"dim": dim} if "dim" in unknown_keywords(cls, {})[1] else {}
         v = VARIANTS.build(name, **width, **dict(params or {}))
         v.validate(head, method)
-        for other in head.variants:
-            check(other not in v.conflicts and name not in head.variants[other].conflicts,
-                  f"variant={name} cannot be combined with variant={other}; use one of them")
+        for attached in head.active_variants:
+            other = attached.name
+            check(
+                other not in v.conflicts and name not in attached.conflicts,
+                f"variant={name} cannot be combined with variant={other}; use one of them",
+            )
         head.variants[name] = v
     return head
 

@@ -43,7 +43,7 @@ class Variant(nn.Module):
     """Base class: every hook is the identity; subclasses override the stage they change."""
 
     name: ClassVar[str] = ""  # the registry name, set by ``VARIANTS.register``
-    replaces_l2: ClassVar[bool] = False
+    replaces_l2: bool = False  # t_kernel decides per instance
     replaces_kernel: ClassVar[bool] = False
     replaces_loss: ClassVar[bool] = False
     #: the head ``scoring`` kinds this variant has a meaning for, and why others are refused
@@ -56,11 +56,15 @@ class Variant(nn.Module):
 
     def validate(self, head: Head, method: Pairing | None = None) -> None:
         """Refuse a head or pairing where this variant has no meaning (one line naming both)."""
-        check(head.scoring in self.applies_to,
-              f"variant={self.name} does not apply to head={head.name}: {self.refusal}")
+        check(
+            head.scoring in self.applies_to, f"variant={self.name} does not apply to head={head.name}: {self.refusal}"
+        )
         if method is not None and self.needs_negatives:
-            check(method.negatives, f"variant={self.name} acts on negatives, but method={method.name} has "
-                                    "none; use method=simclr or method=moco")
+            check(
+                method.negatives,
+                f"variant={self.name} acts on negatives, but method={method.name} has "
+                "none; use method=simclr or method=moco",
+            )
 
     # ------------------------------------------------------------- embeddings
     def transform_embeddings(self, z: Tensor) -> Tensor:
@@ -80,14 +84,14 @@ class Variant(nn.Module):
     def augment_support(self, support: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return support, targets
 
-    def transform_queries(self, query: Tensor, support: Tensor, support_targets: Tensor,
-                          query_soft: Tensor) -> Tensor:
+    def transform_queries(self, query: Tensor, support: Tensor, support_targets: Tensor, query_soft: Tensor) -> Tensor:
         return query
 
     def gram(self, a: Tensor, c: Tensor) -> Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------- every head
-    def loss(self, logits: Tensor, targets: Tensor, valid: Tensor | None,
-             min_logit: float | None) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def loss(
+        self, logits: Tensor, targets: Tensor, valid: Tensor | None, min_logit: float | None
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
         return None

@@ -32,6 +32,7 @@ neither ``e^{l}`` nor the floor overflows. When the floor binds, the negatives g
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
@@ -47,13 +48,13 @@ class Debiased(Variant):
 
     def __init__(self, tau_plus: float = 0.1, eps: float = 1e-6) -> None:
         super().__init__()
-        check(0 <= tau_plus < 1,
-              f"variant.debiased.tau_plus={tau_plus} is not allowed; use 0 <= tau_plus < 1")
+        check(0 <= tau_plus < 1, f"variant.debiased.tau_plus={tau_plus} is not allowed; use 0 <= tau_plus < 1")
         check(eps > 0, f"variant.debiased.eps={eps} is not allowed; use a value > 0")
         self.tau_plus, self.eps = float(tau_plus), float(eps)
 
-    def loss(self, logits: Tensor, targets: Tensor, valid: Tensor | None,
-             min_logit: float | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, logits: Tensor, targets: Tensor, valid: Tensor | None, min_logit: float | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if valid is None:
             valid = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         pos, neg = (targets > 0) & valid, (targets == 0) & valid

@@ -61,19 +61,29 @@ class FeatureTransform(Variant):
     applies_to = ("kernel", "ridge")
     refusal = "its classes come from a fitted QP; use head=contrastive, protonet or r2d2"
 
-    def __init__(self, alpha_pos: float = 2.0, alpha_neg: float = 1.6, positive: bool = True,
-                 negative: bool = True, lambda_pos: float | None = None, lambda_neg: float | None = None,
-                 detach_partner: bool = True) -> None:
+    def __init__(
+        self,
+        alpha_pos: float = 2.0,
+        alpha_neg: float = 1.6,
+        positive: bool = True,
+        negative: bool = True,
+        lambda_pos: float | None = None,
+        lambda_neg: float | None = None,
+        detach_partner: bool = True,
+    ) -> None:
         super().__init__()
-        check(alpha_pos > 0 and alpha_neg > 0,
-              f"variant.feature_transform.alpha_pos/alpha_neg={alpha_pos}/{alpha_neg} are not allowed; "
-              "use values > 0")
-        check(lambda_pos is None or 1 <= lambda_pos <= 2,
-              f"variant.feature_transform.lambda_pos={lambda_pos} is not allowed; "
-              "use null or a value in [1, 2]")
-        check(lambda_neg is None or 0 <= lambda_neg <= 1,
-              f"variant.feature_transform.lambda_neg={lambda_neg} is not allowed; "
-              "use null or a value in [0, 1]")
+        check(
+            alpha_pos > 0 and alpha_neg > 0,
+            f"variant.feature_transform.alpha_pos/alpha_neg={alpha_pos}/{alpha_neg} are not allowed; use values > 0",
+        )
+        check(
+            lambda_pos is None or 1 <= lambda_pos <= 2,
+            f"variant.feature_transform.lambda_pos={lambda_pos} is not allowed; use null or a value in [1, 2]",
+        )
+        check(
+            lambda_neg is None or 0 <= lambda_neg <= 1,
+            f"variant.feature_transform.lambda_neg={lambda_neg} is not allowed; use null or a value in [0, 1]",
+        )
         self.alpha_pos, self.alpha_neg = float(alpha_pos), float(alpha_neg)
         self.positive, self.negative = positive, negative
         self.lambda_pos, self.lambda_neg = lambda_pos, lambda_neg
@@ -124,8 +134,7 @@ class FeatureTransform(Variant):
             new_nc = torch.where(neg, mixed_nc, new_nc)
         return Geometry(new_dot, na_hat, new_nc)
 
-    def transform_queries(self, query: Tensor, support: Tensor, support_targets: Tensor,
-                          query_soft: Tensor) -> Tensor:
+    def transform_queries(self, query: Tensor, support: Tensor, support_targets: Tensor, query_soft: Tensor) -> Tensor:
         if not self.positive:
             return query
         lam = self.sample_pos()
@@ -133,5 +142,7 @@ class FeatureTransform(Variant):
         return lam * query + (1 - lam) * (p.detach() if self.detach_partner else p)
 
     def extra_repr(self) -> str:
-        return (f"alpha_pos={self.alpha_pos}, alpha_neg={self.alpha_neg}, positive={self.positive}, "
-                f"negative={self.negative}")
+        return (
+            f"alpha_pos={self.alpha_pos}, alpha_neg={self.alpha_neg}, positive={self.positive}, "
+            f"negative={self.negative}"
+        )

@@ -54,16 +54,25 @@ class SoftNeighbors(Variant):
     applies_to = ("kernel", "ridge")
     refusal = "the QP would need per-sample slack weights; use head=contrastive, protonet or r2d2"
 
-    def __init__(self, k: int = 5, bank_size: int = 4096, weight_temperature: float = 1.0,
-                 detach_weights: bool = False, warmup: bool = False, dim: int = 128) -> None:
+    def __init__(
+        self,
+        k: int = 5,
+        bank_size: int = 4096,
+        weight_temperature: float = 1.0,
+        detach_weights: bool = False,
+        warmup: bool = False,
+        dim: int = 128,
+    ) -> None:
         super().__init__()
-        check(isinstance(k, int) and k >= 0,
-              f"variant.soft_neighbors.k={k!r} is not allowed; use an integer >= 0")
-        check(isinstance(bank_size, int) and bank_size >= max(k, 1),
-              f"variant.soft_neighbors.bank_size={bank_size!r} is not allowed; use an integer >= k and >= 1")
-        check(weight_temperature > 0,
-              f"variant.soft_neighbors.weight_temperature={weight_temperature} is not allowed; "
-              "use a value > 0")
+        check(isinstance(k, int) and k >= 0, f"variant.soft_neighbors.k={k!r} is not allowed; use an integer >= 0")
+        check(
+            isinstance(bank_size, int) and bank_size >= max(k, 1),
+            f"variant.soft_neighbors.bank_size={bank_size!r} is not allowed; use an integer >= k and >= 1",
+        )
+        check(
+            weight_temperature > 0,
+            f"variant.soft_neighbors.weight_temperature={weight_temperature} is not allowed; use a value > 0",
+        )
         check(dim >= 1, f"variant=soft_neighbors needs the embedding width, got dim={dim}")
         self.k, self.size, self.temperature = k, bank_size, float(weight_temperature)
         self.detach_weights, self.warmup = detach_weights, warmup
@@ -95,10 +104,14 @@ class SoftNeighbors(Variant):
         e = (cos - cos.amax(-1, keepdim=True).detach()).exp()
         w = e / ((e @ oh) @ oh.transpose(1, 2))  # softmax within each class's neighbour columns
         targets = (pairs.anchor_soft @ oh.transpose(1, 2)) * self._w(w)
-        valid = None if pairs.valid is None else torch.cat(
-            [pairs.valid, pairs.valid.new_ones(*pairs.valid.shape[:2], nb.shape[1])], -1)
-        return pairs.replace(cands=torch.cat([pairs.cands, nb], 1),
-                             targets=torch.cat([pairs.targets, targets], -1), valid=valid)
+        valid = (
+            None
+            if pairs.valid is None
+            else torch.cat([pairs.valid, pairs.valid.new_ones(*pairs.valid.shape[:2], nb.shape[1])], -1)
+        )
+        return pairs.replace(
+            cands=torch.cat([pairs.cands, nb], 1), targets=torch.cat([pairs.targets, targets], -1), valid=valid
+        )
 
     def augment_support(self, support: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         if self.k == 0:

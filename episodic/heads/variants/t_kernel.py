@@ -39,6 +39,7 @@ Defaults: ``dof = 5``: the argparse default, and what the released script runs (
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
@@ -62,32 +63,36 @@ class StudentTKernel(Variant):
     applies_to = ("kernel", "ridge")
     refusal = "its dual is built on a linear Gram matrix; use head=contrastive, protonet or r2d2"
 
-    def __init__(self, dof: float | str = 5, standardize: str = "bn", bandwidth: float = 1.0,
-                 ) -> None:
+    def __init__(
+        self,
+        dof: float | str = 5,
+        standardize: str = "bn",
+        bandwidth: float = 1.0,
+    ) -> None:
         super().__init__()
         try:
             nu = float(dof)
         except (TypeError, ValueError):
             nu = float("nan")
         check(nu > 0, f"variant.t_kernel.dof={dof!r} is not allowed; use a number > 0 or inf")
-        check(standardize in ("bn", "l2"),
-              f"variant.t_kernel.standardize={standardize!r} is not allowed; use bn or l2")
+        check(standardize in ("bn", "l2"), f"variant.t_kernel.standardize={standardize!r} is not allowed; use bn or l2")
         check(bandwidth > 0, f"variant.t_kernel.bandwidth={bandwidth} is not allowed; use a value > 0")
         self.dof, self.standardize, self.bandwidth = nu, standardize, float(bandwidth)
-        self.replaces_l2 = standardize == "bn"  # type: ignore[misc]
+        self.replaces_l2 = standardize == "bn"
 
     def validate(self, head: Head, method: Pairing | None = None) -> None:
         super().validate(head, method)
         if head.scoring == "ridge" and method is not None:
-            check(not method.queue_size,
-                  f"variant=t_kernel with head={head.name} solves an n x n kernel system; method={method.name}'s "
-                  "queue makes n the queue size; set method.params.queue_size=0 or use head=contrastive/protonet")
+            check(
+                not method.queue_size,
+                f"variant=t_kernel with head={head.name} solves an n x n kernel system; method={method.name}'s "
+                "queue makes n the queue size; set method.params.queue_size=0 or use head=contrastive/protonet",
+            )
 
     def transform_embeddings(self, z: Tensor) -> Tensor:
         if self.standardize != "bn":
             return z
-        check(z.shape[0] > 1,
-              "variant.t_kernel.standardize=bn needs more than one embedding per encoder pass")
+        check(z.shape[0] > 1, "variant.t_kernel.standardize=bn needs more than one embedding per encoder pass")
         z = full_precision(z)  # BatchNorm1d(affine=False) in training mode: biased batch variance, eps 1e-5
         return (z - z.mean(0)) / (z.var(0, unbiased=False) + 1e-5).sqrt()
 
@@ -95,7 +100,7 @@ class StudentTKernel(Variant):
         return student_t_log_kernel(energy, self.dof)
 
     def gram(self, a: Tensor, c: Tensor) -> Tensor:
-        d2 = (a.pow(2).sum(-1, keepdim=True) + c.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ c.transpose(-1, -2))
+        d2 = a.pow(2).sum(-1, keepdim=True) + c.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ c.transpose(-1, -2)
         return student_t_log_kernel(d2.clamp_min(0) / (2 * self.bandwidth), self.dof).exp()
 
     def extra_repr(self) -> str:

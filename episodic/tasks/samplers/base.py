@@ -35,8 +35,10 @@ class Sampler(nn.Module):
         super().__init__()
         check(isinstance(n_supp, int) and n_supp >= 1, f"n_supp={n_supp!r} is not allowed; use an integer >= 1")
         check(isinstance(n_query, int) and n_query >= 1, f"n_query={n_query!r} is not allowed; use an integer >= 1")
-        check(n_way is None or (isinstance(n_way, int) and n_way >= 2),
-              f"n_way={n_way!r} is not allowed; use an integer >= 2 or null (the whole batch)")
+        check(
+            n_way is None or (isinstance(n_way, int) and n_way >= 2),
+            f"n_way={n_way!r} is not allowed; use an integer >= 2 or null (the whole batch)",
+        )
         self.n_supp, self.n_query, self.n_way = n_supp, n_query, n_way
 
     @property
@@ -47,9 +49,11 @@ class Sampler(nn.Module):
     def way(self, batch_size: int) -> int:
         """The number of classes per episode for a batch of ``batch_size`` images."""
         n_way = self.n_way or batch_size
-        check(batch_size % n_way == 0,
-              f"n_way={n_way} does not divide the batch of {batch_size} images; "
-              f"use a divisor of {batch_size} (or n_way=null for one episode per batch)")
+        check(
+            batch_size % n_way == 0,
+            f"n_way={n_way} does not divide the batch of {batch_size} images; "
+            f"use a divisor of {batch_size} (or n_way=null for one episode per batch)",
+        )
         return n_way
 
     def validate(self, method: nn.Module) -> None:
