@@ -709,6 +709,10 @@ def describe(error: BaseException) -> str:
     m = re.match(r"Value '(.*?)' (?:of type '\w+' )?could not be converted to (\w+)", first)
     if m and key:
         return f"{key}={m.group(1)!r} is not allowed; use {_TYPE_WORDS.get(m.group(2), m.group(2))}"
+    m = re.match(r"Value '(.*?)' is not a valid (\w+)", first)
+    if m and key:
+        word = {"bool": "true or false"}.get(m.group(2), f"a {m.group(2)}")
+        return f"{key}={m.group(1)!r} is not allowed; use {word}"
     m = re.match(r"Invalid value '(.*?)', expected one of \[(.*)\]", first)
     if m and key:
         return f"{key}={m.group(1)!r} is not allowed; use one of {m.group(2)}"

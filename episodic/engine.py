@@ -41,7 +41,7 @@ from tqdm import tqdm
 from episodic import checkpoint, distributed
 from episodic.config import as_dict, switch
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
-from episodic.data.datasets import ArrayDataset, Splits, build_dataset
+from episodic.data.datasets import ArrayDataset, Splits, build_dataset, dataset_source
 from episodic.data.loader import BatchLoader, epoch_order
 from episodic.device import autocast, resolve_device, resolve_precision, use_channels_last
 from episodic.errors import EpisodicError, check
@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 def check_config(cfg: DictConfig) -> None:
     """What a run is built from, checked before any data is read (after :func:`episodic.config.validate`):
-    the device, the episode layout over ``WORLD_SIZE`` processes, and the model, optimiser and schedule built
+    the device, the dataset's parameters, the episode layout over ``WORLD_SIZE`` processes, and the model,
+    optimiser and schedule built
     once on the meta device (every component's own checks, a variant against its head, a pairing against
     its head)."""
     protocol = cfg.eval.get("protocol")
@@ -65,6 +66,7 @@ def check_config(cfg: DictConfig) -> None:
         f"eval={protocol} is a protocol of python -m episodic.eval; training evaluates with eval=quick",
     )
     resolve_device(str(cfg.device))
+    dataset_source(str(cfg.data.name), **as_dict(cfg.data.params))  # its parameters, nothing read
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     scope = plan_scope(str(cfg.task.scope), cfg.n_way, int(cfg.batch_size), world, 0, int(cfg.optim.accu_iter))
     with torch.device("meta"):

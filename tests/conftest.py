@@ -5,6 +5,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+# A shape-only forward on the meta device (what the config check runs) imports torch modules that bind
+# logging handlers to the sys.stderr of the moment; import them now, not inside a test's captured stderr.
+torch.nn.Conv2d(1, 1, 3, device="meta")(torch.empty(1, 1, 4, 4, device="meta"))
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

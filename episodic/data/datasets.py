@@ -22,7 +22,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor
 from episodic.errors import EpisodicError, check
 from episodic.registry import Registry
 
-DATASETS: Registry = Registry("dataset", "episodic.data")
+DATASETS: Registry[type[Source]] = Registry("dataset", "episodic.data")
 
 
 @dataclass
@@ -107,13 +107,33 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+class Source:
+    """A dataset: the constructor checks the parameters (``data.params``) and reads nothing; :meth:`load`
+    reads the files. So a run's data settings are checked before anything is read."""
+
+    name: ClassVar[str] = ""  # the registry name, set by ``DATASETS.register``
+
+    def load(self) -> Splits:
+        raise NotImplementedError
+
+
 @DATASETS.register("digits")
-def digits(image_size: int = 32) -> Splits:
+class Digits(Source):
     """scikit-learn's digits: 1,797 8x8 images (0..16) -> uint8, upsampled; fixed 70/30 split."""
-    check(
-        isinstance(image_size, int) and image_size >= 8,
-        f"data.params.image_size={image_size!r} is not allowed; use an integer >= 8 (the digits are 8x8)",
-    )
+
+    def __init__(self, image_size: int = 32) -> None:
+        check(
+            isinstance(image_size, int) and image_size >= 8,
+            f"data.params.image_size={image_size!r} is not allowed; use an integer >= 8 (the digits are 8x8)",
+        )
+        self.image_size = image_size
+
+    def load(self) -> Splits:
+        return digits(self.image_size)
+
+
+def digits(image_size: int = 32) -> Splits:
+    """The digits at ``image_size`` (see :class:`Digits`)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -142,15 +162,20 @@ def load_npz(path: str | Path) -> ArrayDataset:
 
 
 @DATASETS.register("npz")
-def npz(train: str, test: str, image_size: int | None = None, root: str | None = None) -> Splits:
+class Npz(Source):
     """Two ``.npz`` files (paths relative to ``root`` if given)."""
-    check_size(image_size)
-    base = Path(root).expanduser() if root else Path(".")
-    tr, te = load_npz(base / train), load_npz(base / test)
-    return Splits(
-        ArrayDataset(resize_uint8(tr.images, image_size), tr.labels, tr.classes),
-        ArrayDataset(resize_uint8(te.images, image_size), te.labels, te.classes),
-    )
+
+    def __init__(self, train: str, test: str, image_size: int | None = None, root: str | None = None) -> None:
+        check_size(image_size)
+        self.train, self.test, self.image_size, self.root = train, test, image_size, root
+
+    def load(self) -> Splits:
+        base = Path(self.root).expanduser() if self.root else Path(".")
+        tr, te = load_npz(base / self.train), load_npz(base / self.test)
+        return Splits(
+            ArrayDataset(resize_uint8(tr.images, self.image_size), tr.labels, tr.classes),
+            ArrayDataset(resize_uint8(te.images, self.image_size), te.labels, te.classes),
+        )
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
@@ -188,24 +213,39 @@ def _cifar(
 
 
 @DATASETS.register("cifar10")
-def cifar10(root: str = "data", download: bool = False) -> Splits:
+class Cifar10(Source):
     """CIFAR-10 from ``root/cifar-10-batches-py`` (50,000 / 10,000 images)."""
-    return _cifar(
-        root,
-        "cifar-10-batches-py",
-        [f"data_batch_{i}" for i in range(1, 6)],
-        ["test_batch"],
-        "batches.meta",
-        "labels",
-        "label_names",
-        download,
-        "CIFAR10",
-    )
+
+    def __init__(self, root: str = "data", download: bool = False) -> None:
+        self.root, self.download = root, download
+
+    def load(self) -> Splits:
+        return _cifar(
+            self.root,
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "batches.meta",
+            "labels",
+            "label_names",
+            self.download,
+            "CIFAR10",
+        )
 
 
 @DATASETS.register("cifar100")
-def cifar100(root: str = "data", download: bool = False) -> Splits:
+class Cifar100(Source):
     """CIFAR-100 (fine labels) from ``root/cifar-100-python``."""
+
+    def __init__(self, root: str = "data", download: bool = False) -> None:
+        self.root, self.download = root, download
+
+    def load(self) -> Splits:
+        return cifar100(self.root, self.download)
+
+
+def cifar100(root: str = "data", download: bool = False) -> Splits:
+    """CIFAR-100's train and test splits with fine labels (see :class:`Cifar100`)."""
     return _cifar(
         root, "cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names", download, "CIFAR100"
     )
@@ -223,9 +263,21 @@ def read_stl10(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("stl10")
-def stl10(root: str = "data", download: bool = False, image_size: int | None = None, unlabeled: bool = True) -> Splits:
+class Stl10(Source):
     """STL-10 from ``root/stl10_binary``; ``train`` = labeled train (+ the 100k unlabeled split)."""
-    check_size(image_size)
+
+    def __init__(
+        self, root: str = "data", download: bool = False, image_size: int | None = None, unlabeled: bool = True
+    ) -> None:
+        check_size(image_size)
+        self.root, self.download, self.image_size, self.unlabeled = root, download, image_size, unlabeled
+
+    def load(self) -> Splits:
+        return stl10(self.root, self.download, self.image_size, self.unlabeled)
+
+
+def stl10(root: str, download: bool, image_size: int | None, unlabeled: bool) -> Splits:
+    """STL-10's splits (see :class:`Stl10`)."""
     base = Path(root).expanduser()
     if download and not (base / "stl10_binary").exists():
         import torchvision
@@ -247,10 +299,20 @@ def stl10(root: str = "data", download: bool = False, image_size: int | None = N
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(root: str, image_size: int = 32, channels: int = 3) -> Splits:
+class ImageFolderSource(Source):
     """``root/{train,test}/<class>/<image>`` read with torchvision's ImageFolder, resized to a square."""
-    check_size(image_size)
-    check(channels in (1, 3), f"data.params.channels={channels!r} is not allowed; use 1 or 3")
+
+    def __init__(self, root: str, image_size: int = 32, channels: int = 3) -> None:
+        check_size(image_size)
+        check(channels in (1, 3), f"data.params.channels={channels!r} is not allowed; use 1 or 3")
+        self.root, self.image_size, self.channels = root, image_size, channels
+
+    def load(self) -> Splits:
+        return imagefolder(self.root, self.image_size, self.channels)
+
+
+def imagefolder(root: str, image_size: int, channels: int) -> Splits:
+    """The train and test folders (see :class:`ImageFolderSource`)."""
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
@@ -266,6 +328,12 @@ def imagefolder(root: str, image_size: int = 32, channels: int = 3) -> Splits:
     return Splits(read("train"), read("test"))
 
 
+def dataset_source(name: str, **params: Any) -> Source:
+    """The registered dataset ``name`` with ``params`` checked; nothing is read yet."""
+    source: Source = DATASETS.build(name, **params)
+    return source
+
+
 def build_dataset(name: str, **params: Any) -> Splits:
-    """Build a registered dataset, turning missing files into one clear error line."""
-    return DATASETS.get(name)(**params)
+    """Check ``params``, then read the registered dataset (missing files are one clear error line)."""
+    return dataset_source(name, **params).load()

@@ -43,16 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from episodic.data.datasets import DATASETS, ArrayDataset, Splits, from_nhwc, load_npz, resize_uint8
+from episodic.data.datasets import DATASETS, ArrayDataset, Source, Splits, check_size, from_nhwc, load_npz, resize_uint8
 from episodic.errors import EpisodicError, check
 
 __all__ = [
     "CIFAR100_SUPERCLASSES",
     "CIFAR_FS_SPLITS",
+    "FC100",
     "FC100_SUPERCLASS_SPLITS",
-    "cifar_fs",
+    "CifarFS",
     "class_order",
-    "fc100",
     "fc100_splits",
     "mini_imagenet",
     "relabel",
@@ -213,20 +213,39 @@ def _cifar_split(
     return Splits(relabel(src.train, order, name), relabel(src.test, order, name))
 
 
+class _Cifar100Split(Source):
+    """A few-shot split of CIFAR-100: the pickle folder under ``root``, or two ``.npz`` files."""
+
+    def __init__(
+        self, root: str = "data", download: bool = False, train_npz: str | None = None, test_npz: str | None = None
+    ) -> None:
+        check(
+            bool(train_npz) == bool(test_npz),
+            "give both data.params.train_npz and data.params.test_npz (or neither)",
+        )
+        self.root, self.download, self.train_npz, self.test_npz = root, download, train_npz, test_npz
+
+    def splits(self) -> Mapping[str, Sequence[str]]:
+        raise NotImplementedError
+
+    def load(self) -> Splits:
+        return _cifar_split(self.name, self.splits(), self.root, self.download, self.train_npz, self.test_npz)
+
+
 @DATASETS.register("cifar_fs")
-def cifar_fs(
-    root: str = "data", download: bool = False, train_npz: str | None = None, test_npz: str | None = None
-) -> Splits:
+class CifarFS(_Cifar100Split):
     """CIFAR-FS: classes 0-63 meta-train, 64-79 meta-val, 80-99 meta-test; CIFAR-100's train/test images."""
-    return _cifar_split("cifar_fs", CIFAR_FS_SPLITS, root, download, train_npz, test_npz)
+
+    def splits(self) -> Mapping[str, Sequence[str]]:
+        return CIFAR_FS_SPLITS
 
 
 @DATASETS.register("fc100")
-def fc100(
-    root: str = "data", download: bool = False, train_npz: str | None = None, test_npz: str | None = None
-) -> Splits:
+class FC100(_Cifar100Split):
     """FC100: classes 0-59 meta-train, 60-79 meta-val, 80-99 meta-test; CIFAR-100's train/test images."""
-    return _cifar_split("fc100", fc100_splits(), root, download, train_npz, test_npz)
+
+    def splits(self) -> Mapping[str, Sequence[str]]:
+        return fc100_splits()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,9 +306,25 @@ def _assemble(parts: list[tuple[np.ndarray, np.ndarray, list[str]]], holdout: fl
     return Splits(full.select(torch.from_numpy(tr)), full.select(torch.from_numpy(te)))
 
 
+def _check_holdout(holdout: float, image_size: int | None) -> None:
+    check(0.0 < holdout < 1.0, f"data.params.holdout={holdout!r} is not allowed; use a share in (0, 1), e.g. 0.1667")
+    check_size(image_size)
+
+
 @DATASETS.register("mini_imagenet")
-def mini_imagenet(root: str = "data", holdout: float = 1 / 6, image_size: int | None = None) -> Splits:
+class MiniImagenet(Source):
     """mini-ImageNet through ``learn2learn.vision.datasets.MiniImagenet`` (100 classes x 600, 84x84)."""
+
+    def __init__(self, root: str = "data", holdout: float = 1 / 6, image_size: int | None = None) -> None:
+        _check_holdout(holdout, image_size)
+        self.root, self.holdout, self.image_size = root, holdout, image_size
+
+    def load(self) -> Splits:
+        return mini_imagenet(self.root, self.holdout, self.image_size)
+
+
+def mini_imagenet(root: str, holdout: float, image_size: int | None) -> Splits:
+    """The splits :class:`MiniImagenet` describes."""
     base = Path(root).expanduser()
     files = [base / f"mini-imagenet-cache-{m}.pkl" for m in _L2L_MODES]
     _need_files(files, "mini-ImageNet", "mini-imagenet-cache-{train,validation,test}.pkl")
@@ -316,11 +351,23 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 @DATASETS.register("tiered_imagenet")
-def tiered_imagenet(
-    root: str = "data", holdout: float = 1 / 6, image_size: int | None = None, decode_threads: int = 4
-) -> Splits:
+class TieredImagenet(Source):
     """tiered-ImageNet through ``learn2learn.vision.datasets.TieredImagenet`` (608 classes, 84x84 PNGs
     decoded once into memory: about 16.5 GB for the three splits)."""
+
+    def __init__(
+        self, root: str = "data", holdout: float = 1 / 6, image_size: int | None = None, decode_threads: int = 4
+    ) -> None:
+        _check_holdout(holdout, image_size)
+        check(decode_threads >= 1, f"data.params.decode_threads={decode_threads} is not allowed; use an integer >= 1")
+        self.root, self.holdout, self.image_size, self.decode_threads = root, holdout, image_size, decode_threads
+
+    def load(self) -> Splits:
+        return tiered_imagenet(self.root, self.holdout, self.image_size, self.decode_threads)
+
+
+def tiered_imagenet(root: str, holdout: float, image_size: int | None, decode_threads: int) -> Splits:
+    """The splits :class:`TieredImagenet` describes."""
     base = Path(root).expanduser()
     short = {"train": "train", "validation": "val", "test": "test"}
     files = [

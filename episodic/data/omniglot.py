@@ -37,12 +37,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from episodic.data.datasets import DATASETS, ArrayDataset, Splits, load_npz, resize_uint8
+from episodic.data.datasets import DATASETS, ArrayDataset, Source, Splits, load_npz, resize_uint8
 from episodic.errors import EpisodicError, check
 
 __all__ = [
@@ -249,32 +250,73 @@ def character_images(
 
 
 @DATASETS.register("omniglot")
-def omniglot(
-    root: str = "../shared/data",
-    split: str = "vinyals",
-    splits_dir: str | None = None,
-    eval_split: str = "test",
-    image_size: int | None = 28,
-    train_rotations: bool = False,
-    test_rotations: bool = True,
-    invert: bool = True,
-    format: str = "auto",
-    train_image_size: int | None = None,
-) -> Splits:
+class Omniglot(Source):
     """Omniglot as :class:`Splits`: ``train`` = training characters, ``test`` = ``eval_split`` characters.
 
     ``splits_dir`` defaults to ``root/omniglot_vinyals``. See the module docstring for every option.
     """
-    check(split in _SPLITS, f"data.params.split={split!r} is not allowed; use one of {', '.join(_SPLITS)}")
-    check(eval_split in ("test", "val"), f"data.params.eval_split={eval_split!r} is not allowed; use test or val")
-    check(
-        image_size is None or (isinstance(image_size, int) and image_size >= 4),
-        f"data.params.image_size={image_size!r} is not allowed; use an integer >= 4 (28 in the literature)",
-    )
-    check(
-        train_image_size is None or (isinstance(train_image_size, int) and train_image_size >= 4),
-        f"data.params.train_image_size={train_image_size!r} is not allowed; use null or an integer >= 4",
-    )
+
+    def __init__(
+        self,
+        root: str = "../shared/data",
+        split: str = "vinyals",
+        splits_dir: str | None = None,
+        eval_split: str = "test",
+        image_size: int | None = 28,
+        train_rotations: bool = False,
+        test_rotations: bool = True,
+        invert: bool = True,
+        format: str = "auto",
+        train_image_size: int | None = None,
+    ) -> None:
+        check(split in _SPLITS, f"data.params.split={split!r} is not allowed; use one of {', '.join(_SPLITS)}")
+        check(eval_split in ("test", "val"), f"data.params.eval_split={eval_split!r} is not allowed; use test or val")
+        check(
+            image_size is None or (isinstance(image_size, int) and image_size >= 4),
+            f"data.params.image_size={image_size!r} is not allowed; use an integer >= 4 (28 in the literature)",
+        )
+        check(
+            train_image_size is None or (isinstance(train_image_size, int) and train_image_size >= 4),
+            f"data.params.train_image_size={train_image_size!r} is not allowed; use null or an integer >= 4",
+        )
+        check(
+            format in ("auto", "npz", "folder"),
+            f"data.params.format={format!r} is not allowed; use one of auto, npz, folder",
+        )
+        check(
+            split == "vinyals" or eval_split == "test",
+            "data.params.eval_split=val needs split=vinyals (the Lake split has no val set)",
+        )
+        self.params: dict[str, Any] = dict(
+            root=root,
+            split=split,
+            splits_dir=splits_dir,
+            eval_split=eval_split,
+            image_size=image_size,
+            train_rotations=train_rotations,
+            test_rotations=test_rotations,
+            invert=invert,
+            format=format,
+            train_image_size=train_image_size,
+        )
+
+    def load(self) -> Splits:
+        return omniglot(**self.params)
+
+
+def omniglot(
+    root: str,
+    split: str,
+    splits_dir: str | None,
+    eval_split: str,
+    image_size: int | None,
+    train_rotations: bool,
+    test_rotations: bool,
+    invert: bool,
+    format: str,
+    train_image_size: int | None,
+) -> Splits:
+    """The splits :class:`Omniglot` describes."""
     train_size = train_image_size or image_size
     chars = load_characters(root, format, image_size if train_size == image_size else None, invert)
     if split == "lake":
