@@ -9,6 +9,8 @@ random stream of a process, which a checkpoint carries so that a resumed run con
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import random
@@ -27,17 +29,49 @@ FORMAT = "episodic-checkpoint-v1"
 _NAME = re.compile(r"step_(\d+)\.pt")
 
 
+def nonfinite(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in ``state`` (nested dicts and lists) that hold inf or nan."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, dict):
+        return [n for k, v in state.items() for n in nonfinite(v, f"{prefix}{k}.")]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in nonfinite(v, f"{prefix}{i}.")]
+    return []
+
+
 def save(state: dict[str, Any], path: str | Path) -> Path:
-    """Atomically write ``state`` (plus a format tag) to ``path``."""
+    """Atomically write ``state`` (plus a format tag) to ``path``, refusing one with a non-finite tensor.
+
+    A failed write (disk full, file too large, no permission, a file where a folder should be) is one
+    line naming the path and the cause; the temporary file is removed and whatever ``path`` held before
+    stays as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    bad = nonfinite({k: state[k] for k in ("model", "optimizer") if k in state})
+    if bad:
+        names = ", ".join(n.rstrip(".") for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise EpisodicError(f"not writing checkpoint '{path}': non-finite values in {names}")
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise EpisodicError(f"cannot write checkpoint '{path}': {io_error(e)}") from None
     return path
+
+
+def io_error(e: OSError) -> str:
+    """``[Errno 28] No space left on device: 'x'`` -> ``no space left on device (ENOSPC)``."""
+    code = errno.errorcode.get(e.errno or 0, "")
+    why = (e.strerror or str(e)).lower()
+    return f"{why} ({code})" if code else why
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

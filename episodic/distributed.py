@@ -147,10 +147,11 @@ def init_from_env(device: torch.device) -> DistInfo:
 
 def cleanup() -> None:
     """Destroy the process group if :func:`init_from_env` created it."""
-    global _OWNED_GROUP
+    global _OWNED_GROUP, _CPU_GROUP
     if _OWNED_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNED_GROUP = False
+    _CPU_GROUP = None
 
 
 def barrier() -> None:
@@ -235,6 +236,30 @@ def any_rank(flags: Tensor) -> Tensor:
     return out
 
 
+_CPU_GROUP: Any = None  # a gloo group for host-side flags when the default backend is NCCL
+
+
+def _cpu_group() -> Any:
+    global _CPU_GROUP
+    if dist.get_backend() == "gloo":
+        return None  # the default group already runs on the host
+    if _CPU_GROUP is None:  # collective: every rank gets here at the same step
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def any_rank_flag(value: str | None) -> str | None:
+    """``value`` if this process has one, else a word for another process's, else ``None``: agreed by
+    every process through a host-side all-reduce (no device synchronisation)."""
+    if not enabled():
+        return value
+    flag = torch.tensor([0 if value is None else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
+    if value is None and int(flag) == 0:
+        return None
+    return value or "a signal to another process"
+
+
 def all_gather_object(obj: T) -> list[T]:
     """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
     if not enabled():
@@ -304,6 +329,7 @@ __all__ = [
     "DistInfo",
     "all_gather_object",
     "any_rank",
+    "any_rank_flag",
     "barrier",
     "broadcast_object",
     "cleanup",

@@ -45,6 +45,7 @@ from episodic.data.datasets import ArrayDataset, Splits, build_dataset, dataset_
 from episodic.data.loader import BatchLoader, epoch_order
 from episodic.device import autocast, resolve_device, resolve_precision, use_channels_last
 from episodic.errors import EpisodicError, check
+from episodic.guard import Guard
 from episodic.heads.histograms import log_scores
 from episodic.model import EpisodicModel, StepOutput, build_model
 from episodic.monitor import Monitor, Progress
@@ -84,6 +85,31 @@ def check_config(cfg: DictConfig) -> None:
     build_scheduler(optimizer, int(cfg.train.steps), **as_dict(cfg.optim.schedule))
 
 
+def check_images(data: Splits, cfg: DictConfig) -> None:
+    """The loaded images fit the run: ``data.channels``, and a backbone that embeds them whole (evaluation
+    feeds it unaugmented images); shapes only, on the meta device."""
+    with torch.device("meta"):
+        encoder = build_model(cfg).encoder
+    for split in ("train", "test"):
+        images: Tensor = getattr(data, split).images
+        if not len(images):
+            continue
+        check(
+            images.shape[1] == int(cfg.data.channels),
+            f"data={cfg.data.name} holds {images.shape[1]}-channel images but data.channels={cfg.data.channels}; "
+            f"set data.channels={images.shape[1]}",
+        )
+        try:
+            encoder(torch.empty(2, *images.shape[1:], device="meta"))
+        except RuntimeError as e:
+            size = "x".join(map(str, images.shape[1:]))
+            raise EpisodicError(
+                f"backbone={cfg.backbone.name} cannot embed the {size} {split} images of data={cfg.data.name} "
+                f"(evaluation feeds them whole): {str(e).splitlines()[0]}; use larger images "
+                "(data.params.image_size) or a shallower backbone"
+            ) from None
+
+
 def ssl_split(data: Splits, cfg: DictConfig) -> ArrayDataset:
     """The unlabeled training images: the train split restricted to ``data.ssl_classes``."""
     return data.train.with_classes(cfg.data.get("ssl_classes"))
@@ -98,19 +124,12 @@ class _NullWriter:
 
 @dataclass
 class StepStats:
-    """One optimizer step: the mean loss and query accuracy over its micro-batches (0-d tensors)."""
+    """One optimizer step (device tensors, nothing read to the host): the mean loss and query accuracy
+    over its micro-batches, and ``bad`` (1.0 when the loss or a gradient was non-finite)."""
 
     loss: Tensor
     acc: Tensor
-
-
-@dataclass
-class MicroStats:
-    """One micro-batch: detached loss and accuracy, and whether the loss was finite on every process."""
-
-    loss: Tensor
-    acc: Tensor
-    finite: bool
+    bad: Tensor
 
 
 class Trainer:
@@ -133,6 +152,7 @@ class Trainer:
         self.data = build_dataset(cfg.data.name, **as_dict(cfg.data.get("params")))
         self.train_set = ssl_split(self.data, cfg)
         self.model: EpisodicModel = build_model(cfg, self.scope).to(self.device)
+        check_images(self.data, cfg)
         self.model, self.sync_bn = distributed.convert_sync_batchnorm(self.model, str(cfg.sync_bn), self.dist)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.channels_last = bool(cfg.channels_last)
@@ -147,6 +167,7 @@ class Trainer:
             )
         self.augment = BatchAugment(AugmentConfig(**as_dict(cfg.data.augment))).to(self.device)
         self.optimizer = build_optimizer(self.model, **as_dict(cfg.optim.optimizer))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.steps = int(cfg.train.steps)
         self.scheduler = build_scheduler(self.optimizer, self.steps, **as_dict(cfg.optim.schedule))
         # fp16 needs loss scaling; bf16 and float32 do not (the scaler is then a pass-through)
@@ -156,7 +177,14 @@ class Trainer:
         torch.manual_seed(distributed.rank_seed(cfg.seed + 1, self.dist.rank))
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.skipped = 0  # steps skipped for a non-finite loss (train.skip_nonfinite=true)
+        self.guard = Guard(
+            self.model,
+            self.device,
+            bool(cfg.train.skip_nonfinite),
+            int(cfg.train.max_skips),
+            int(cfg.train.log_every),
+            lambda: f"head={cfg.head.name}",
+        )
         self.last_checkpoint: Path | None = None
         self._signal: str | None = None  # set by the SIGTERM/SIGINT handler of this process
         self.stop_requested: str | None = None  # the signal, once every process has agreed to stop
@@ -183,40 +211,33 @@ class Trainer:
         (forward + backward each, gradients accumulated; DDP syncs on the last one only), one update.
 
         ``images``: uint8 ``[B, C, H, W]`` or augmented views ``[V, B, C, S, S]`` (see :meth:`micro_step`).
-        A non-finite loss stops the run (EpisodicError naming the step, the head and the last good
-        checkpoint) or, with ``train.skip_nonfinite=true``, skips the update of this step.
+        A non-finite loss or gradient gates the update on the device and is acted on by the guard
+        (:mod:`episodic.guard`); nothing here waits for the host.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        parts = []
+        before = self.guard.snapshot()
         chunks = images.chunk(self.accu_iter, dim=1 if images.dim() == 5 else 0)
-        for i, chunk in enumerate(chunks):
-            parts.append(self.micro_step(chunk, last=i == len(chunks) - 1))
-            if not parts[-1].finite:
-                break  # every process agreed on the flag, so all of them stop here
-        finite = parts[-1].finite
-        if finite:
+        parts = [self.micro_step(chunk, last=i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
+        loss = parts[0][0] if len(parts) == 1 else torch.stack([p[0] for p in parts]).mean()
+        acc = parts[0][1] if len(parts) == 1 else torch.stack([p[1] for p in parts]).mean()
+        if self.scaler.is_enabled():  # fp16: the scaler finds inf gradients and skips the update itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            bad = (~torch.isfinite(loss)).float()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped += 1
-            if self.dist.is_main:
-                log.warning(
-                    "non-finite loss at step %d (head %r): update skipped (train.skip_nonfinite=true)",
-                    self.step + 1,
-                    self.cfg.head.name,
-                )
+            bad = self.guard.found_inf(loss, self.params)
+            self.optimizer.found_inf = bad  # type: ignore[attr-defined]  # read by the fused kernels and LARS
+            self.optimizer.step()
         self.scheduler.step()
-        if finite:
-            self.model.method.after_step(self.step, self.steps)
-        loss = torch.stack([p.loss for p in parts]).mean()
-        acc = torch.stack([p.acc for p in parts]).mean()
-        return StepStats(loss, acc)
+        if not self.guard.record(self.step + 1, loss, bad, before, self.last_good):
+            self.model.method.after_step(self.step, self.steps)  # momentum encoders follow the update
+        return StepStats(loss, acc, bad)
 
-    def micro_step(self, images: Tensor, last: bool = True) -> MicroStats:
+    def micro_step(self, images: Tensor, last: bool = True) -> tuple[Tensor, Tensor]:
         """Forward and backward of one micro-batch: uint8 images ``[b, C, H, W]`` (augmented here, on
         the device), or views ``[V, b, C, S, S]`` augmented already (``loader.augment=worker|pil``,
-        pre-augmented data). The loss is divided by ``accu_iter`` so accumulated gradients are the mean."""
+        pre-augmented data). The loss is divided by ``accu_iter`` so accumulated gradients are the mean.
+        Returns the detached loss and the query accuracy (device tensors)."""
         x = images.to(self.device, non_blocking=True)
         views = x if x.dim() == 5 else multi_view(self.augment, x, self.model.sampler.n_views, self.generator)
         model = self.train_model
@@ -227,32 +248,14 @@ class Trainer:
                 out: StepOutput = self.train_model(views, self.generator, self.step, self.steps)
             loss = out.loss.float()
             self.scaler.scale(loss / self.accu_iter).backward()
-        finite = self.check_finite(loss)  # after backward: on CUDA the host waits once, at the step end
         with torch.no_grad():
             acc = (out.logits.argmax(-1) == out.query_labels).float().mean()
         self.last_scores = (out.logits.detach(), out.query_labels, out.extras)  # for log_scores
-        return MicroStats(loss.detach(), acc, finite)
+        return loss.detach(), acc
 
-    def check_finite(self, loss: Tensor) -> bool:
-        """Agree across processes on a non-finite loss and on a pending stop signal (one tiny
-        all-reduce); raise, or return False to skip the step under ``train.skip_nonfinite``."""
-        pending = 1.0 if self._signal is not None else 0.0
-        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(pending, device=loss.device)])
-        bad, stop = distributed.any_rank(flags).tolist()
-        if stop and self.stop_requested is None:
-            self.stop_requested = self._signal or "a signal to another process"
-        if not bad:
-            return True
-        if self.cfg.train.skip_nonfinite:
-            return False
-        value = loss.item() if not torch.isfinite(loss) else "on another process"
-        ckpt = str(self.last_checkpoint) if self.last_checkpoint is not None else "none written yet"
-        raise EpisodicError(
-            f"non-finite loss ({value}) at step {self.step + 1} with head "
-            f"{self.cfg.head.name!r}; last good checkpoint: {ckpt}; lower optim.optimizer.lr "
-            f"and resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such "
-            f"steps"
-        )
+    def last_good(self) -> str:
+        """The newest checkpoint written (each one was checked finite), for messages."""
+        return str(self.last_checkpoint) if self.last_checkpoint is not None else "none written yet"
 
     def make_loader(self, start_step: int = 0) -> BatchLoader:
         """Training batches from ``start_step`` on, per the ``loader`` config (:mod:`episodic.data.loader`)."""
@@ -292,7 +295,7 @@ class Trainer:
             "rng": distributed.all_gather_object(checkpoint.rng_state(self.generator, self.device)),
             "data_order": self.data_order(),
             "history": list(self.history),
-            "skipped": self.skipped,
+            "skipped": self.guard.skipped,
             "world_size": self.dist.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
@@ -331,11 +334,12 @@ class Trainer:
                 )
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
-        self.skipped = int(state.get("skipped", 0))
+        self.guard.skipped = int(state.get("skipped", 0))
 
     def save(self, name: str | None = None) -> Path:
         """Write a checkpoint atomically (rank 0 writes; every rank must call this) and keep only the
         newest ``train.keep_last`` numbered ones."""
+        self.guard.check(self.last_good)  # a flagged step since the last check stops the run before writing
         state = self.state_dict()
         path = self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}.pt")
         if self.dist.is_main:
@@ -430,30 +434,37 @@ class Trainer:
         )
         self.model.train()
         t0, seen, wait = time.perf_counter(), 0, 0.0
+        sums = torch.zeros(2, device=self.device)  # loss and accuracy summed since the last log, on the device
+        since, skipped_before = 0, self.guard.skipped
         while self.step < self.steps:
             t_wait = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_wait
             stats = self.train_step(batch)
             self.step += 1
+            sums += torch.stack([stats.loss, stats.acc])
+            since += 1
             seen += (batch.shape[0] if batch.dim() == 4 else batch.shape[1]) * self.dist.world_size
             if self.step % cfg.train.log_every == 0 or self.step == self.steps:
+                self.guard.check(self.last_good)  # the host reads the step's flags here, not every step
                 dt = time.perf_counter() - t0
-                mean = distributed.reduce_metrics({"loss": stats.loss, "acc": stats.acc}, self.device)
+                mean = distributed.reduce_metrics({"loss": sums[0] / since, "acc": sums[1] / since}, self.device)
                 rec = {
                     "step": self.step,
-                    "loss": mean["loss"],
+                    "loss": mean["loss"],  # mean over the steps since the last record (and over processes)
                     "acc": mean["acc"],
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "images_per_s": seen / max(dt, 1e-9),
-                    "data_wait": wait / max(dt, 1e-9),
-                }  # share of the time spent waiting for batches
+                    "data_wait": wait / max(dt, 1e-9),  # share of the time spent waiting for batches
+                    "skipped": self.guard.skipped - skipped_before,  # non-finite steps skipped since the last
+                }
                 self.history.append(rec)
                 for k, v in rec.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, self.step)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", img_s=f"{rec['images_per_s']:.0f}")
-                t0, seen, wait = time.perf_counter(), 0, 0.0
+                t0, seen, wait, since, skipped_before = time.perf_counter(), 0, 0.0, 0, self.guard.skipped
+                sums.zero_()
             if cfg.train.hist_every and self.step % cfg.train.hist_every == 0:
                 log_scores(writer, *self.last_scores, self.step)  # score histograms (episodic/heads/histograms.py)
             bar.update(1)
@@ -461,6 +472,7 @@ class Trainer:
             for monitor in monitors:
                 monitor.after_step(Progress(self.step, self.steps, self.model, self.data, self.device, writer, bar))
             t0 += time.perf_counter() - t_mon  # seconds spent evaluating: not training time
+            self.stop_requested = distributed.any_rank_flag(self._signal) or self.stop_requested
             if self.stop_requested is not None:  # agreed by every process in this step
                 break
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:

@@ -25,7 +25,11 @@ from episodic.registry import Registry
 
 
 class LARS(Optimizer):
-    """SGD with momentum and layer-wise trust ratio; groups with ``lars=False`` are plain SGD."""
+    """SGD with momentum and layer-wise trust ratio; groups with ``lars=False`` are plain SGD.
+
+    Like the fused optimizers it skips its update on the device when ``self.found_inf`` (a 0-d tensor
+    set before :meth:`step`) is 1: parameters and momentum buffers keep their values, no host read.
+    """
 
     def __init__(
         self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001
@@ -34,6 +38,7 @@ class LARS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # no closure
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -44,15 +49,26 @@ class LARS(Optimizer):
                     ratio = torch.where((wn > 0) & (un > 0), group["eta"] * wn / un, torch.ones_like(wn))
                     u.mul_(ratio)
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = u
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(u)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                buf = state.get("momentum_buffer")
+                new_buf = u if buf is None else buf * group["momentum"] + u
+                new_p = p - group["lr"] * new_buf
+                if found_inf is not None:  # keep the old values where the step is skipped
+                    keep = found_inf > 0
+                    new_p = torch.where(keep, p, new_p)
+                    new_buf = torch.where(keep, torch.zeros_like(new_buf) if buf is None else buf, new_buf)
+                state["momentum_buffer"] = new_buf
+                p.copy_(new_p)
         return None
 
 
 OPTIMIZERS: Registry = Registry("optimizer", None)
+
+
+def fused(groups: list[dict[str, Any]]) -> bool:
+    """Use the fused kernels (one launch for every tensor; they skip an update on the device when
+    ``optimizer.found_inf`` is set) wherever they run: on CPU and CUDA floating-point parameters."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -72,7 +88,7 @@ def check_momentum(momentum: float) -> None:
 @OPTIMIZERS.register("sgd")
 def sgd(groups: list[dict[str, Any]], lr: float, momentum: float = 0.9, nesterov: bool = False) -> Optimizer:
     check_momentum(momentum)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused(groups))
 
 
 def check_betas(betas: Any) -> None:
@@ -83,13 +99,13 @@ def check_betas(betas: Any) -> None:
 @OPTIMIZERS.register("adam")
 def adam(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
     check_betas(betas)
-    return torch.optim.Adam(groups, lr=lr, betas=(float(betas[0]), float(betas[1])))
+    return torch.optim.Adam(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), fused=fused(groups))
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizer:
     check_betas(betas)
-    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])))
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), fused=fused(groups))
 
 
 @OPTIMIZERS.register("lars")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -42,8 +43,23 @@ def export_cfg(ckpt: Path, out: Path, *overrides: str):  # type: ignore[no-untyp
     return make_cfg(f"checkpoint={ckpt}", f"out={out}", *overrides, config="export")
 
 
+def rgb_npz(folder: Path) -> list[str]:
+    """Tiny 3-channel train/test ``.npz`` files (the shared format) and the overrides that read them."""
+    g = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 20)):
+        images = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        np.savez(folder / f"{split}.npz", images=images, labels=np.arange(n) % 4, classes=np.array(list("abcd")))
+    return [
+        "data=cifar10_npz",
+        f"data.params.root={folder}",
+        "data.params.train=train.npz",
+        "data.params.test=test.npz",
+    ]
+
+
 def test_resnet18_export_loads_into_torchvision_strictly_with_the_same_features(tmp_path: Path) -> None:
-    ckpt = checkpoint_of(tmp_path, "backbone=resnet18", "backbone.params.cifar_stem=false", "data.channels=3")
+    rgb = rgb_npz(tmp_path)
+    ckpt = checkpoint_of(tmp_path / "run", "backbone=resnet18", "backbone.params.cifar_stem=false", *rgb)
     out = export(export_cfg(ckpt, tmp_path / "r18.pt"))
     sd = torch.load(out, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())

@@ -194,9 +194,10 @@ def test_nan_loss_stops_naming_step_head_and_last_good_checkpoint(tmp_path: Path
         trainer.fit()
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg.startswith("non-finite loss (nan) at step 5 with head 'r2d2'; last good checkpoint: ")
+    assert msg.startswith("non-finite loss or gradient (loss nan) at step 5 (head=r2d2); last good checkpoint: ")
     assert str(tmp_path / "checkpoints" / "step_0000004.pt") in msg and "train.skip_nonfinite=true" in msg
-    assert trainer.step == 4
+    assert trainer.step == 5 and trainer.last_checkpoint == tmp_path / "checkpoints" / "step_0000004.pt"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the flagged update was not applied
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the error
 
 
@@ -211,16 +212,18 @@ def test_skip_nonfinite_skips_exactly_that_update(tmp_path: Path, caplog: pytest
         return real_step(images)
 
     trainer.train_step = step  # type: ignore[method-assign]
-    with caplog.at_level(logging.WARNING, logger="episodic.engine"):
+    with caplog.at_level(logging.WARNING, logger="episodic.guard"):
         trainer.fit()
     params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
-    assert trainer.step == 4 and trainer.skipped == 1
+    assert trainer.step == 4 and trainer.guard.skipped == 1
     assert torch.equal(params[2], params[3])  # step 3 changed nothing
     assert not torch.equal(params[1], params[2]) and not torch.equal(params[3], params[4])
     losses = _losses(trainer.history)
     assert torch.isnan(torch.tensor(losses[3])) and all(losses[s] == losses[s] for s in (1, 2, 4))
     warned = [r.getMessage() for r in caplog.records]
-    assert any("non-finite loss at step 3 (head 'r2d2'): update skipped" in m for m in warned)
+    assert any("non-finite loss or gradient at step 3 (head=r2d2): update skipped" in m for m in warned)
+    assert [r["skipped"] for r in trainer.history] == [0, 0, 1, 0]
+    assert all(torch.isfinite(b).all() for b in trainer.model.buffers() if b.is_floating_point())
 
 
 def test_resume_refuses_another_data_order_and_missing_paths(tmp_path: Path) -> None:

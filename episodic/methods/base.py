@@ -78,4 +78,4 @@ class Method(nn.Module):
         """State that follows the batch, from this process's (ungathered) embedded episode."""
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Hook after each optimizer step (momentum encoders update here)."""
+        """Hook after each optimizer step that was not skipped (momentum encoders update here)."""

@@ -113,5 +113,4 @@ class MoCo(Method):
             self.queue.push(distributed.gather_no_grad(keys).flatten(0, 1) if scope.world_size > 1 else keys)
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = momentum_at(self.momentum, step, total_steps, self.schedule)
-        ema_update(self.momentum_encoder, self.encoder, m)
+        ema_update(self.momentum_encoder, self.encoder, momentum_at(self.momentum, step, total_steps, self.schedule))

@@ -16,7 +16,7 @@ import copy
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from episodic.errors import check
 
@@ -40,8 +40,11 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, m: float) -> None:
-    for pt, po in zip(target.parameters(), online.parameters()):
-        pt.mul_(m).add_(po.detach(), alpha=1 - m)
+    """``target <- m target + (1 - m) online`` for every parameter, in two fused operations."""
+    targets: list[Tensor] = list(target.parameters())
+    onlines = [p.detach() for p in online.parameters()]
+    torch._foreach_mul_(targets, m)
+    torch._foreach_add_(targets, onlines, alpha=1 - m)
 
 
 def check_momentum(momentum: float, schedule: str) -> None:

@@ -53,7 +53,9 @@ def project_rows(v: Tensor, upper: Tensor, C: float, max_steps: int = 200) -> Te
     for _ in range(max_steps):
         mask = w > theta
         new_count = mask.sum(-1, keepdim=True)
-        theta = ((w * mask).sum(-1, keepdim=True) - C) / new_count.clamp_min(1)  # masks by products: no torch.where in the hot loop
+        theta = ((w * mask).sum(-1, keepdim=True) - C) / new_count.clamp_min(
+            1
+        )  # masks by products: no torch.where in the hot loop
         if count is not None and torch.equal(new_count, count):
             break
         count = new_count
