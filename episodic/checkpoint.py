@@ -10,11 +10,11 @@ random stream of a process, which a checkpoint carries so that a resumed run con
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from episodic.errors import EpisodicError
+from episodic.files import io_error
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def io_error(e: OSError) -> str:
-    """``[Errno 28] No space left on device: 'x'`` -> ``no space left on device (ENOSPC)``."""
-    code = errno.errorcode.get(e.errno or 0, "")
-    why = (e.strerror or str(e)).lower()
-    return f"{why} ({code})" if code else why
-
-
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save`; a missing, corrupt or foreign file is an EpisodicError."""
     path = Path(path)
@@ -88,6 +82,23 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise EpisodicError(f"'{path}' is not an episodic checkpoint (expected format {FORMAT})")
     return state
+
+
+def state_mismatch(expected: dict[str, Any], saved: dict[str, Any]) -> str | None:
+    """Why ``saved`` (a model state dict) does not load into a model whose state dict is ``expected``:
+    the first missing, unexpected or differently shaped entry; ``None`` when it fits."""
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        return f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more entries" if len(missing) > 1 else "")
+    extra = [k for k in saved if k not in expected]
+    if extra:
+        return f"it has {extra[0]}, which this model does not" + (
+            f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        )
+    for k, v in expected.items():
+        if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(saved[k].shape):
+            return f"{k} is {tuple(saved[k].shape)} there and {tuple(v.shape)} here"
+    return None
 
 
 # ------------------------------------------------------------------------ a run's checkpoints folder
@@ -141,16 +152,29 @@ def newest_valid(run_or_folder: Path) -> tuple[Path, dict[str, Any]] | None:
     return last
 
 
+def intact(path: Path) -> bool:
+    """Whether ``path`` is a whole checkpoint file: ``torch.save`` writes a zip archive, and a truncated
+    one has no central directory (a cheap test: nothing is unpickled)."""
+    return zipfile.is_zipfile(path)
+
+
 def prune(folder: Path, keep_last: int | None) -> None:
-    """Keep the ``keep_last`` newest ``step_N.pt`` (0 or null: all); remove stale ``.tmp`` files that a
-    killed run left (only rank 0 writes, and not while this runs)."""
+    """Keep the ``keep_last`` newest intact ``step_N.pt`` (0 or null: all) and delete older intact ones;
+    a damaged file is neither counted nor deleted (it is left for inspection, with a warning), so the
+    newest valid checkpoint always stays. Stale ``.tmp`` files of a killed run are removed (only rank 0
+    writes, and not while this runs)."""
     for tmp in folder.glob("*.tmp"):
         tmp.unlink(missing_ok=True)
     if not keep_last:
         return
-    numbered = [p for p in list_checkpoints(folder) if p.name != "last.pt"]
-    for p in numbered[int(keep_last) :]:
-        p.unlink(missing_ok=True)
+    kept = 0
+    for p in [p for p in list_checkpoints(folder) if p.name != "last.pt"]:
+        if not intact(p):
+            log.warning("checkpoint %s is damaged; not counted or deleted by train.keep_last", p)
+        elif kept < int(keep_last):
+            kept += 1
+        else:
+            p.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------ random streams

@@ -17,6 +17,7 @@ from typing import NoReturn, TypeVar
 from omegaconf import DictConfig
 
 from episodic.errors import EpisodicError
+from episodic.files import io_error, writable_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 T = TypeVar("T")
@@ -28,11 +29,16 @@ def fail(message: str) -> NoReturn:
 
 
 def run_or_fail(fn: Callable[[], T]) -> T:
-    """Run ``fn``; an :class:`EpisodicError` becomes ``error: ...`` on stderr and exit code 2."""
+    """Run ``fn``; an :class:`EpisodicError`, or a failed read or write of a file (disk full, file too
+    large, no permission, a file where a folder should be), becomes ``error: ...`` on stderr, exit code 2."""
     try:
         return fn()
     except EpisodicError as e:
         fail(str(e))
+    except OSError as e:
+        if e.filename is None:  # not about a file (a network error, say): the traceback is the better report
+            raise
+        fail(f"cannot read or write '{e.filename}': {io_error(e)}")
 
 
 def group_options(group: str) -> list[str]:
@@ -75,7 +81,7 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         raise EpisodicError(describe(e)) from None
 
 
-def validate_overrides(config_name: str, argv: list[str], check: Callable[[DictConfig], None] | None = None) -> None:
+def validate_overrides(config_name: str, argv: list[str], check: Callable[[DictConfig], object] | None = None) -> None:
     """Check group choices (``head=foo``) and, for a single run, compose the whole config and validate it
     (:func:`episodic.config.validate`, then ``check``); exit 2 with one line on the first problem."""
     overrides = [a for a in argv if not a.startswith("-")]
@@ -91,6 +97,9 @@ def validate_overrides(config_name: str, argv: list[str], check: Callable[[DictC
             v = v.strip()
             if v and v != "null" and v not in options:
                 fail(f"unknown {key} {v!r}; allowed: {', '.join(options)}")
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))), None)
+    if run_dir is not None and "${" not in run_dir:
+        run_or_fail(lambda: writable_dir(run_dir, "hydra.run.dir"))
     if sweep:
         return
 

@@ -349,8 +349,18 @@ _CIFAR_PROBE = {
     "weight_decay": 1.0e-4,
 }
 LINEAR_RECIPES: dict[str, Any] = {
-    # small data (digits, your npz/imagefolder): cached standardised features, L-BFGS
-    "default": {"optimizer": "lbfgs", "aug": "none", "weight_decay": 1.0e-4, "max_iter": 500},
+    # small data (digits, your npz/imagefolder): cached standardised features, L-BFGS (the SGD settings
+    # apply with eval.optimizer=sgd)
+    "default": {
+        "optimizer": "lbfgs",
+        "aug": "none",
+        "weight_decay": 1.0e-4,
+        "max_iter": 500,
+        "steps": 1000,
+        "batch_size": 256,
+        "lr": 0.1,
+        "momentum": 0.9,
+    },
     # metacontrastive cifar_eval.yaml: batch 1024, lr 0.1, wd 1e-4, 80,000 steps (it trains on crop_flip views)
     "cifar10": _CIFAR_PROBE,
     "cifar10_npz": _CIFAR_PROBE,

@@ -45,6 +45,7 @@ from episodic.data.datasets import ArrayDataset, Splits, build_dataset, dataset_
 from episodic.data.loader import BatchLoader, epoch_order
 from episodic.device import autocast, resolve_device, resolve_precision, use_channels_last
 from episodic.errors import EpisodicError, check
+from episodic.files import writable_dir
 from episodic.guard import Guard
 from episodic.heads.histograms import log_scores
 from episodic.model import EpisodicModel, StepOutput, build_model
@@ -53,6 +54,23 @@ from episodic.optim import build_optimizer, build_scheduler
 from episodic.tasks.scope import plan_scope
 
 log = logging.getLogger(__name__)
+
+
+# what a checkpoint's model must share with the run that resumes it, in the order a mismatch is reported
+STRUCTURE = (
+    "backbone.name",
+    "backbone.params",
+    "backbone.projector",
+    "data.channels",
+    "head.name",
+    "head.params",
+    "method.name",
+    "method.params",
+    "variant",
+    "task.augment",
+    "sampler.name",
+    "sampler.params",
+)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -186,6 +204,8 @@ class Trainer:
             lambda: f"head={cfg.head.name}",
         )
         self.last_checkpoint: Path | None = None
+        if self.dist.is_main:  # a file named checkpoints, no permission, a read-only disk: now, not at step 100
+            writable_dir(self.run_dir / "checkpoints", "checkpoints folder")
         self._signal: str | None = None  # set by the SIGTERM/SIGINT handler of this process
         self.stop_requested: str | None = None  # the signal, once every process has agreed to stop
         if self.dist.is_main:
@@ -368,19 +388,27 @@ class Trainer:
             path, state = found if found is not None else (None, None)
         path = distributed.broadcast_object(path)
         if path is None:
+            # only auto may start fresh: a path that holds no checkpoint is a mistake worth a line
+            check(
+                spec == "auto",
+                f"resume={spec!r}: no valid checkpoint in that folder; give a checkpoint (.pt), "
+                "a run directory with checkpoints/, auto or null",
+            )
             if self.dist.is_main:
-                log.info("resume=%s: no checkpoint in %s, starting from step 0", spec, target)
+                log.info("resume=auto: no checkpoint in %s, starting from step 0", target)
             return None
         state = state if state is not None else checkpoint.load(path)
         self.check_compatible(state, path)
         self.load_state_dict(state)
+        self.current_optimisation(state.get("config") or {})
         self.last_checkpoint = path
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
         return path
 
     def check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        """Refuse a checkpoint whose data order differs from this run's (another seed, batch or dataset)."""
+        """Refuse a checkpoint this run cannot continue, with one line: another data order (seed, batch,
+        dataset), a step beyond ``train.steps``, or a model of another structure (naming what differs)."""
         old, new = state.get("data_order") or {}, self.data_order()
         for key in ("seed", "batch_size", "n_images"):
             if key in old and old[key] != new[key]:
@@ -389,6 +417,51 @@ class Trainer:
                     f"{new[key]}; resume with the same seed, batch_size and data, or "
                     f"resume=null"
                 )
+        step = int(state["step"])
+        check(
+            step <= self.steps,
+            f"checkpoint '{path}' is at step {step} but train.steps={self.steps}; set "
+            f"train.steps >= {step} to continue it, or resume=null to start over",
+        )
+        problem = checkpoint.state_mismatch(self.model.state_dict(), state["model"])
+        if problem is None:
+            return
+        saved = OmegaConf.create(state.get("config") or {})
+        for key in STRUCTURE:
+            a, b = OmegaConf.select(saved, key, default=None), OmegaConf.select(self.cfg, key, default=None)
+            a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
+            b = OmegaConf.to_container(b) if OmegaConf.is_config(b) else b
+            if a != b:
+                raise EpisodicError(
+                    f"checkpoint '{path}' was trained with {key}={a} but this run has {key}={b}; "
+                    f"resume with the same {key}, or resume=null"
+                )
+        raise EpisodicError(f"checkpoint '{path}' does not fit this model: {problem}; resume=null starts over")
+
+    def current_optimisation(self, saved: dict[str, Any]) -> None:
+        """After a resume, this run's optimiser settings and schedule win over the checkpoint's (a lower
+        learning rate after a divergence, a longer run): one line says what changed."""
+        fresh = build_optimizer(self.model, **as_dict(self.cfg.optim.optimizer))
+        for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
+            group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
+        self.scheduler = build_scheduler(self.optimizer, self.steps, **as_dict(self.cfg.optim.schedule))
+        self.scheduler.last_epoch = self.step
+        lrs = [base * lam(self.step) for base, lam in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() returns
+        before = OmegaConf.create(saved)
+        changed = []
+        for key in ("optim.optimizer", "optim.schedule", "train.steps"):
+            a, b = OmegaConf.select(before, key, default=None), OmegaConf.select(self.cfg, key, default=None)
+            if OmegaConf.is_config(a) and OmegaConf.is_config(b):
+                for k in sorted(set(a) | set(b)):
+                    if a.get(k) != b.get(k):
+                        changed.append(f"{key}.{k} {a.get(k)} -> {b.get(k)}")
+            elif a != b and a is not None:
+                changed.append(f"{key} {a} -> {b}")
+        if changed and self.dist.is_main:
+            log.warning("resumed with this run's settings, not the checkpoint's: %s", ", ".join(changed))
 
     # ----------------------------------------------------------------- the loop
     def fit(self, monitors: Sequence[Monitor] = ()) -> None:

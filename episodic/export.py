@@ -21,18 +21,21 @@ own state dict (``episodic.models.backbones.Conv4`` / ``ResNetTiny``), and the c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
+from episodic import checkpoint
 from episodic.cli import CONFIG_DIR, run_or_fail, validate_overrides
 from episodic.config import as_dict
-from episodic.errors import check
+from episodic.errors import EpisodicError, check
+from episodic.files import io_error, writable_file
 from episodic.models.backbones import TorchvisionResNet
 
 TORCHVISION_ARCHS = ("resnet18", "resnet50")
@@ -82,23 +85,35 @@ def load_instructions(name: str, cfg: DictConfig, sd: dict[str, Tensor], out: Pa
     return "\n".join(lines)
 
 
+def check_export(cfg: DictConfig) -> Path:
+    """The output is safe to write, before anything is read: not a folder, not the checkpoint, not an
+    existing file unless ``overwrite=true`` (and never a training checkpoint), in a writable folder."""
+    out = Path(str(cfg.out)).expanduser()
+    writable_file(out, "out", bool(cfg.overwrite), inputs=(Path(str(cfg.checkpoint)).expanduser(),))
+    if out.exists() and checkpoint.intact(out):
+        with contextlib.suppress(EpisodicError):
+            checkpoint.load(out)
+            raise EpisodicError(f"out={out} is a training checkpoint; export never replaces one, choose another file")
+    return out
+
+
 def export(cfg: DictConfig) -> Path:
     """Write the backbone of ``cfg.checkpoint`` to ``cfg.out`` (see the module docstring); the path."""
     from episodic.eval.features import load_encoders
 
-    check(
-        not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
-        "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)",
-    )
-    check(not OmegaConf.is_missing(cfg, "out") and cfg.out, "out=FILE is required: where to write the state dict")
+    out = check_export(cfg)
     enc = load_encoders(cfg.checkpoint, "cpu", cfg.get("backbone"))
     name = enc.backbone_name
     sd = export_state(enc.trained, name, str(cfg.fc), int(cfg.num_classes))
-    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, out)
+    try:
+        torch.save(sd, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise EpisodicError(f"cannot write out={out}: {io_error(e)}") from None
     n_params = sum(
         v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     )
@@ -116,7 +131,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    validate_overrides("export", sys.argv[1:])
+    validate_overrides("export", sys.argv[1:], check_export)
     _hydra_main()
 
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from episodic.cli import CONFIG_DIR, run_or_fail, validate_overrides
 from episodic.config import register
+from episodic.files import writable_dir
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -111,6 +112,8 @@ def _check(cfg: DictConfig) -> None:
 def main() -> None:
     register()
     validate_overrides("train", sys.argv[1:], _check)
+    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in sys.argv[1:]):
+        run_or_fail(lambda: writable_dir("runs", "hydra.run.dir (default runs/ here)"))
     sys.argv += rank_overrides(sys.argv[1:])
     _hydra_main()
 

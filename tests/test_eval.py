@@ -288,7 +288,7 @@ def test_bad_input_is_one_line_exit_2(run: Path, capsys: pytest.CaptureFixture) 
         "error: data 'digits' has no split 'val'; allowed: train, test, both",
     )
     fails_with(capsys, lambda: evaluate(cfg("eval=knn")), "error: checkpoint=PATH is required")
-    fails_with(capsys, lambda: evaluate(cfg("eval=knn", f"checkpoint={run / 'nope.pt'}")), "error: checkpoint '")
+    fails_with(capsys, lambda: evaluate(cfg("eval=knn", f"checkpoint={run / 'nope.pt'}")), "error: checkpoint=")
     fails_with(
         capsys,
         lambda: evaluate(cfg("eval=semi", ck, "eval.fractions=[0.1,0.2]", "eval.lr=[0.1]")),

@@ -19,7 +19,8 @@ Formats read here (the real on-disk formats, no download needed when the files a
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,9 +78,16 @@ def from_nhwc(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) ->
     if x.ndim == 3:
         x = x.unsqueeze(-1)
     check(x.dtype == torch.uint8 and x.ndim == 4, f"images must be uint8 NHWC, got {x.dtype} {tuple(x.shape)}")
-    return ArrayDataset(
-        x.permute(0, 3, 1, 2).contiguous(), torch.as_tensor(labels, dtype=torch.long), [str(c) for c in classes]
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    check(y.ndim == 1 and len(y) == len(x), f"{len(x)} images but {len(y)} labels; every image needs one label")
+    names = [str(c) for c in classes]
+    bad = y[(y < -1) | (y >= len(names))]
+    check(
+        not len(bad),
+        f"label {int(bad[0]) if len(bad) else 0} is outside the {len(names)} classes "
+        f"(0..{len(names) - 1}, or -1 for unlabelled)",
     )
+    return ArrayDataset(x.permute(0, 3, 1, 2).contiguous(), y, names)
 
 
 def check_size(size: int | None, key: str = "data.params.image_size", low: int = 1) -> None:
@@ -101,10 +109,23 @@ def resize_uint8(images: Tensor, size: int | None) -> Tensor:
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         raise EpisodicError(
-            f"{what} not found at '{path}'; set data.root to the folder that holds it "
-            f"(or data.download=true where the dataset supports it)"
+            f"{what} not found at '{path}'; set data.params.root to the folder that holds it "
+            f"(or data.params.download=true where the dataset supports it and the machine is online)"
         )
     return path
+
+
+def fetch(what: str, root: Path, download: Callable[[], object]) -> None:
+    """Run torchvision's ``download``; failing (offline, a server error) is one line saying where the
+    files should be put instead."""
+    try:
+        download()
+    except Exception as e:
+        raise EpisodicError(
+            f"data.params.download=true could not fetch {what} into '{root}' ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); put the files there yourself, or point "
+            "data.params.root at the folder that holds them"
+        ) from None
 
 
 class Source:
@@ -155,7 +176,7 @@ def load_npz(path: str | Path) -> ArrayDataset:
             missing = {"images", "labels", "classes"} - set(f.files)
             check(not missing, f"{p} lacks arrays {sorted(missing)}; expected images, labels, classes")
             return from_nhwc(f["images"], f["labels"], f["classes"])
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         if isinstance(e, EpisodicError):
             raise
         raise EpisodicError(f"cannot read npz file '{p}': {e}") from None
@@ -199,7 +220,7 @@ def _cifar(
     if download and not (base / folder).exists():
         import torchvision
 
-        getattr(torchvision.datasets, tv_class)(str(base), train=True, download=True)
+        fetch(tv_class, base, lambda: getattr(torchvision.datasets, tv_class)(str(base), train=True, download=True))
     base = _need(base / folder, f"{folder}/ folder")
 
     def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +303,7 @@ def stl10(root: str, download: bool, image_size: int | None, unlabeled: bool) ->
     if download and not (base / "stl10_binary").exists():
         import torchvision
 
-        torchvision.datasets.STL10(str(base), split="train+unlabeled", download=True)
+        fetch("STL10", base, lambda: torchvision.datasets.STL10(str(base), split="train+unlabeled", download=True))
     base = _need(base / "stl10_binary", "stl10_binary/ folder")
     names_file = base / "class_names.txt"
     names = names_file.read_text().split() if names_file.exists() else [str(i) for i in range(10)]
@@ -316,13 +337,25 @@ def imagefolder(root: str, image_size: int, channels: int) -> Splits:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
+    mode = "L" if channels == 1 else "RGB"
+
+    def image(path: str) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR))
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise EpisodicError(f"cannot decode image '{path}' ({e}); remove or replace the file") from None
+
     def read(split: str) -> ArrayDataset:
-        folder = ImageFolder(str(_need(Path(root).expanduser() / split, f"image folder '{split}'")))
-        mode = "L" if channels == 1 else "RGB"
-        xs = [
-            np.asarray(Image.open(p).convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR))
-            for p, _ in folder.samples
-        ]
+        base = _need(Path(root).expanduser() / split, f"image folder '{split}'")
+        try:
+            folder = ImageFolder(str(base))
+        except FileNotFoundError as e:  # no class folders, or class folders without images
+            raise EpisodicError(
+                f"image folder '{base}' holds no images in class folders ({str(e).splitlines()[0]}); expected "
+                f"{base}/<class>/<image>.png|jpg"
+            ) from None
+        xs = [image(p) for p, _ in folder.samples]
         return from_nhwc(np.stack(xs), np.asarray(folder.targets), folder.classes)
 
     return Splits(read("train"), read("test"))

@@ -23,6 +23,7 @@ one item is one whole batch (a single tensor index, no per-image collation).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -145,6 +146,14 @@ def _identity(batch: Tensor) -> Tensor:
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT sent to the whole process group (SLURM at a time limit,
+    ``scancel``, Ctrl-C): the trainer finishes its step and writes its stop checkpoint, then its
+    DataLoader shuts the workers down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchLoader:
     """Endless iterator over training batches from ``start_step`` on (see the module docstring).
 
@@ -189,6 +198,7 @@ class BatchLoader:
             sampler=self.sampler,
             num_workers=workers,
             pin_memory=pin_memory,
+            worker_init_fn=ignore_stop_signals,
             collate_fn=_identity,  # type: ignore[arg-type]  # one item is a whole batch: nothing to collate
             generator=torch.Generator().manual_seed(seed),
             **extra,

@@ -81,7 +81,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     if not any(a.startswith("eval=") for a in sys.argv[1:]) and "--help" not in sys.argv and "-h" not in sys.argv:
         fail(f"eval= is required; allowed: {', '.join(_protocols())} (e.g. eval=linear checkpoint=PATH)")
-    validate_overrides("evaluate", sys.argv[1:])
+    from episodic.eval.context import results_path
+
+    validate_overrides("evaluate", sys.argv[1:], results_path)
     _hydra_main()
 
 

@@ -19,8 +19,9 @@ from torch import nn
 
 from episodic.config import as_dict
 from episodic.data.datasets import ArrayDataset, Splits, build_dataset
-from episodic.errors import check
-from episodic.eval.features import Encoders, get_split, load_encoders
+from episodic.errors import EpisodicError, check
+from episodic.eval.features import Encoders, checkpoint_path, get_split, load_encoders
+from episodic.files import writable_file
 
 
 @dataclass
@@ -52,14 +53,26 @@ class EvalContext:
         return out + [("random_init", self.encoders.random_init)] if baseline else out
 
 
+def results_path(cfg: DictConfig) -> Path:
+    """Where the results go (``results=``, else the checkpoint's run folder), checked writable before any
+    work; never the checkpoint itself."""
+    check(
+        not OmegaConf.is_missing(cfg, "checkpoint") and bool(cfg.checkpoint),
+        "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)",
+    )
+    ckpt = checkpoint_path(str(cfg.checkpoint))
+    if not ckpt.is_file():
+        raise EpisodicError(f"checkpoint={ckpt} does not exist; give a .pt file a run wrote, or its run folder")
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    target = Path(str(cfg.results)) if cfg.get("results") else run_dir / "results.json"
+    return writable_file(target, "results", overwrite=True, inputs=(ckpt,))
+
+
 def build_context(cfg: DictConfig, data_choice: str | None = None) -> EvalContext:
     """Load checkpoint and data per the ``evaluate`` config (see the module docstring)."""
     from episodic.device import resolve_device
 
-    check(
-        not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint,
-        "checkpoint=PATH is required: the .pt file of a run (e.g. runs/<date>/<time>_r2d2/checkpoints/last.pt)",
-    )
+    results = results_path(cfg)
     device = resolve_device(str(cfg.get("device", "auto")))
     enc = load_encoders(cfg.checkpoint, device, cfg.get("backbone"))
     own = enc.config.data
@@ -71,7 +84,6 @@ def build_context(cfg: DictConfig, data_choice: str | None = None) -> EvalContex
     )
     params = as_dict(data_cfg.get("params"))
     data = build_dataset(str(data_cfg.name), **params)
-    results = Path(cfg.results) if cfg.get("results") else enc.run_dir / "results.json"
     cache = results.parent / "eval_cache" if cfg.eval.get("cache", True) else None
     key = data_choice if data_choice else str(data_cfg.name)
     return EvalContext(enc, data, data_cfg, key, device, results, cache)

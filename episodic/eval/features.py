@@ -163,6 +163,20 @@ def describe_backbone(cfg: DictConfig) -> str:
     return f"{cfg.backbone.name}({extra}; {cfg.data.channels}-channel input)"
 
 
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file as given, or for a run folder (or its ``checkpoints/``) its newest valid one."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = checkpoint.newest_valid(path)
+        if found is None:
+            raise EpisodicError(
+                f"checkpoint={path} is a folder with no valid checkpoint; give a .pt file a run "
+                "wrote, or a run folder that holds checkpoints/"
+            )
+        return found[0]
+    return path
+
+
 def load_encoders(path: str | Path, device: str | torch.device = "cpu", expect: DictConfig | None = None) -> Encoders:
     """Trained and random-init backbones of checkpoint ``path`` (eval mode, on ``device``).
 
@@ -171,7 +185,7 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu", expect: 
     """
     from episodic.model import build_model
 
-    path = Path(path)
+    path = checkpoint_path(path)
     state = checkpoint.load(path)
     check(
         "config" in state and "model" in state,

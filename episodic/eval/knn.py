@@ -168,6 +168,12 @@ def run_knn(ctx: EvalContext, ev: Any) -> dict[str, Any]:
     t = float(ev.temperature)
     train, test = labelled(ctx.split(str(ev.train_split))), labelled(ctx.split(str(ev.test_split)))
     check(len(test) > 0, f"split {ev.test_split!r} has no labelled images for the kNN queries")
+    too_big = [k for k in ks if k > len(train)]
+    check(
+        not too_big,
+        f"eval.k={too_big[0] if too_big else 0} is larger than the {len(train)} labelled images of split "
+        f"{ev.train_split!r} (the memory bank); use k <= {len(train)}",
+    )
     out: dict[str, Any] = {f"k{k}": {"trained": None, "random_init": None} for k in ks}
     for which, backbone in ctx.backbones(bool(ev.baseline)):
         ftr = cached_features(backbone, train.images, ctx.cache_dir, ctx.device, **ctx.norm)

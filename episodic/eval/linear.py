@@ -211,6 +211,13 @@ def resolve_recipe(ev: Any, data_key: str) -> dict[str, Any]:
         r["optimizer"] == "sgd" or r["aug"] == "none",
         f"eval.aug={r['aug']!r} needs eval.optimizer=sgd (L-BFGS runs on cached, unaugmented features)",
     )
+    needed = ("steps", "batch_size", "lr", "momentum", "weight_decay") if r["optimizer"] == "sgd" else ("max_iter",)
+    missing = [k for k in needed if r[k] is None]
+    check(
+        not missing,
+        f"eval.optimizer={r['optimizer']} needs {', '.join(f'eval.{k}' for k in missing)}, which "
+        f"recipe {name!r} does not set; set them",
+    )
     return {"recipe": name, **r}
 
 

@@ -40,6 +40,7 @@ stage each; every hook is the identity by default:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -214,6 +215,7 @@ class LogitScale(nn.Module):
 
     def __init__(self, init: float = 1.0, learn: bool = False) -> None:
         super().__init__()
+        check(math.isfinite(init) and init > 0, f"head.params.scale={init!r} is not allowed; use a number > 0")
         self.init = float(init)
         self.log_scale = nn.Parameter(torch.tensor(self.init).log()) if learn else None
 

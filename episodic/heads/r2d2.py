@@ -51,8 +51,12 @@ from episodic.tasks.episode import Episode
 
 
 def _cholesky_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
+    """``(gram + lam I)^{-1} rhs``. A system that cannot be factorised (non-finite embeddings of a diverging
+    run) gives NaN, not an exception, so the non-finite guard names the step; no host read either way."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram + lam * eye))
+    factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+    factor = torch.where((info == 0).view(-1, 1, 1), factor, torch.nan)
+    return torch.cholesky_solve(rhs, factor)
 
 
 def ridge_weights(support: Tensor, targets: Tensor, lam: float, solve: str = "auto") -> Tensor:
