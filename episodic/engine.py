@@ -359,7 +359,7 @@ class Trainer:
     def save(self, name: str | None = None) -> Path:
         """Write a checkpoint atomically (rank 0 writes; every rank must call this) and keep only the
         newest ``train.keep_last`` numbered ones."""
-        self.guard.check(self.last_good)  # a flagged step since the last check stops the run before writing
+        self.guard.check(self.step, self.last_good)  # nothing non-finite is written: stop first
         state = self.state_dict()
         path = self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}.pt")
         if self.dist.is_main:
@@ -519,7 +519,7 @@ class Trainer:
             since += 1
             seen += (batch.shape[0] if batch.dim() == 4 else batch.shape[1]) * self.dist.world_size
             if self.step % cfg.train.log_every == 0 or self.step == self.steps:
-                self.guard.check(self.last_good)  # the host reads the step's flags here, not every step
+                self.guard.check(self.step, self.last_good)  # the host reads the flags here, not every step
                 dt = time.perf_counter() - t0
                 mean = distributed.reduce_metrics({"loss": sums[0] / since, "acc": sums[1] / since}, self.device)
                 rec = {

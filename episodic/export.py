@@ -85,15 +85,21 @@ def load_instructions(name: str, cfg: DictConfig, sd: dict[str, Tensor], out: Pa
     return "\n".join(lines)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        checkpoint.load(path)
+    except EpisodicError:
+        return False
+    return True
+
+
 def check_export(cfg: DictConfig) -> Path:
     """The output is safe to write, before anything is read: not a folder, not the checkpoint, not an
     existing file unless ``overwrite=true`` (and never a training checkpoint), in a writable folder."""
     out = Path(str(cfg.out)).expanduser()
     writable_file(out, "out", bool(cfg.overwrite), inputs=(Path(str(cfg.checkpoint)).expanduser(),))
-    if out.exists() and checkpoint.intact(out):
-        with contextlib.suppress(EpisodicError):
-            checkpoint.load(out)
-            raise EpisodicError(f"out={out} is a training checkpoint; export never replaces one, choose another file")
+    if out.exists() and checkpoint.intact(out) and _is_checkpoint(out):
+        raise EpisodicError(f"out={out} is a training checkpoint; export never replaces one, choose another file")
     return out
 
 

@@ -78,8 +78,8 @@ class Guard:
     ) -> bool:
         """Keep (or, in skip mode, act on) step ``step``'s flag; ``True`` when the step was skipped."""
         if not self.skip:
-            if self.used == self.window:  # a check is overdue (a caller that never checks): keep the newest
-                self.check(last_good)
+            if self.used == self.window:  # a check is overdue (a caller that never checks)
+                self.check(step - 1, last_good)
             if self.used == 0:
                 self.first_step = step
             self.flags[:, self.used].copy_(torch.stack([bad, loss.detach().float().reshape(())]))
@@ -106,17 +106,27 @@ class Guard:
             )
         return True
 
-    def check(self, last_good: Callable[[], str]) -> None:
-        """Read the flags kept since the last check (one host read); stop on the first flagged step."""
-        if self.skip or self.used == 0:
-            return
-        flags = self.flags[:, : self.used].cpu()
-        self.used = 0
-        bad = torch.nonzero(flags[0]).flatten()
-        if len(bad):
-            i = int(bad[0])
+    def check(self, step: int, last_good: Callable[[], str]) -> None:
+        """At a log or checkpoint boundary (``step``): read the flags kept since the last check and test
+        the model's state (a few host reads); stop on the first flagged step or non-finite tensor."""
+        if not self.skip and self.used:
+            flags = self.flags[:, : self.used].cpu()
+            first, self.used = self.first_step, 0
+            bad = torch.nonzero(flags[0]).flatten()
+            if len(bad):
+                i = int(bad[0])
+                raise EpisodicError(
+                    f"non-finite loss or gradient (loss {float(flags[1, i])}) at step {first + i} "
+                    f"({self.describe()}); last good checkpoint: {last_good()}; lower optim.optimizer.lr and "
+                    "resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such steps"
+                )
+        state = [
+            (n, t) for n, t in (*self.model.named_parameters(), *self.model.named_buffers()) if t.is_floating_point()
+        ]
+        if state and not bool(torch.stack([torch.isfinite(t).all() for _, t in state]).all()):
+            # a finite loss can still leave overflowed weights or BatchNorm statistics (normalised embeddings)
+            name = next(n for n, t in state if not bool(torch.isfinite(t).all()))
             raise EpisodicError(
-                f"non-finite loss or gradient (loss {float(flags[1, i])}) at step {self.first_step + i} "
-                f"({self.describe()}); last good checkpoint: {last_good()}; lower optim.optimizer.lr and "
-                "resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such steps"
+                f"non-finite {name} by step {step} ({self.describe()}); last good checkpoint: {last_good()}; "
+                "lower optim.optimizer.lr and resume from it (resume=PATH)"
             )

@@ -39,8 +39,11 @@ def main() -> None:
         name = getattr(e.sigval, "name", str(e.sigval))
         path = stop_checkpoint(argv, started)
         if path is None:
-            print(f"error: {name}: the workers stopped without a new checkpoint in hydra.run.dir; "
-                  "resume=auto continues from the newest one", file=sys.stderr)
+            print(
+                f"error: {name}: the workers stopped without a new checkpoint in hydra.run.dir; "
+                "resume=auto continues from the newest one",
+                file=sys.stderr,
+            )
             raise SystemExit(1) from None
         print(f"stopped by {name}: stop checkpoint {path}; continue with the same command and resume=auto")
         raise SystemExit(0) from None

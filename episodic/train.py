@@ -39,7 +39,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from episodic.device import resolve_device
     from episodic.engine import Trainer, check_config
     from episodic.eval.knn import KNNMonitor
-    from episodic.eval.quick import format_table, quick_eval
+    from episodic.eval.quick import check_quick_eval, format_table, quick_eval
     from episodic.model import build_model
 
     validate(cfg)  # again here: a sweep's jobs are composed by Hydra, not by validate_overrides
@@ -48,6 +48,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     try:
         run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory on every rank
         trainer = Trainer(cfg, run_dir)
+        check_quick_eval(trainer.data, cfg)
         ev, aug = cfg.eval, cfg.data.augment
         knn = KNNMonitor(
             int(ev.knn_every),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -52,3 +53,90 @@ def pair(method: Method, episode: Episode, head: Head) -> HeadOutput:
     out = method.score(embedded, head)
     method.update(embedded[0], ScopePlan.one_process())
     return out
+
+
+@dataclasses.dataclass
+class Ran:
+    """What a command left: exit code, standard output and standard error."""
+
+    code: int
+    out: str
+    err: str
+
+    def one_error(self) -> str:
+        """The single ``error:`` line of a run that ended with exit code 2 (asserted), no traceback."""
+        lines = self.err.strip().splitlines()
+        assert self.code == 2 and "Traceback" not in self.err, (self.code, self.err[-2000:])
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], self.err[-2000:]
+        return errors[0]
+
+
+def run_forked(
+    module: str,
+    *args: str,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    before: Any = None,
+    timeout: float = 300,
+) -> Ran:
+    """``python -m module args`` in a forked child of this process (the imports are already done, so it
+    starts in milliseconds): its ``main()``, with fresh standard streams, one intra-op thread and
+    ``before()`` run first (a resource limit, say)."""
+    import importlib
+    import os
+    import select
+    import traceback
+
+    import torch
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # noqa: SIM115
+            os.chdir(cwd)
+            os.environ.update(env or {})
+            torch.set_num_threads(1)
+            if before is not None:
+                before()
+            sys.argv = [module, *args]
+            main = importlib.import_module(module + (".__main__" if module == "episodic.eval" else "")).main
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    open_fds = [out_r, err_r]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while open_fds:
+        ready, _, _ = select.select(open_fds, [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            os.kill(pid, 9)
+            raise TimeoutError(f"{module} {' '.join(args)} ran past {timeout} s")
+        for fd in ready:
+            data = os.read(fd, 65536)
+            if data:
+                chunks[fd].append(data)
+            else:
+                open_fds.remove(fd)
+                os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return Ran(code, b"".join(chunks[out_r]).decode(errors="replace"), b"".join(chunks[err_r]).decode(errors="replace"))

@@ -247,3 +247,26 @@ def test_auto_takes_the_highest_step_last_pt_included(tmp_path: Path) -> None:
     (folder / "step_0000002.pt.tmp").write_bytes(b"half")
     prune(folder, keep_last=1)
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_0000004.pt"]
+
+
+def test_resume_takes_this_runs_optimiser_settings_and_schedule(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Trainer(make_cfg(*SMALL, "train.steps=2", "optim.optimizer.lr=0.1"), tmp_path).fit()
+    with caplog.at_level(logging.WARNING, logger="episodic.engine"):
+        t = Trainer(
+            make_cfg(
+                *SMALL, "train.steps=6", "optim.optimizer.lr=0.01", "optim.optimizer.weight_decay=0", "resume=auto"
+            ),
+            tmp_path,
+        )
+    line = next(r.getMessage() for r in caplog.records if "resumed with this run's settings" in r.getMessage())
+    assert "optim.optimizer.lr 0.1 -> 0.01" in line and "train.steps 2 -> 6" in line
+    assert "optim.optimizer.weight_decay 1e-06 -> 0.0" in line
+    from episodic.optim import warmup_cosine
+
+    group = t.optimizer.param_groups[0]
+    assert group["initial_lr"] == 0.01 and group["weight_decay"] == 0.0
+    assert group["lr"] == pytest.approx(0.01 * warmup_cosine(2, 6, int(t.cfg.optim.schedule.warmup_steps)))
+    t.fit()
+    assert t.history[-1]["lr"] == pytest.approx(0.01 * warmup_cosine(6, 6, int(t.cfg.optim.schedule.warmup_steps)))

@@ -178,11 +178,13 @@ def test_non_convergence_names_size_backend_and_fix(backend: str) -> None:
         head.scores(support, labels, query, 16)
 
 
-def test_nan_embeddings_raise_instead_of_nan_logits() -> None:
+def test_nan_embeddings_give_nan_logits_for_the_guard() -> None:
+    """A diverged run's NaN embeddings are not a solver error: the logits are NaN, so the non-finite
+    guard reports the step and the head (tests/test_faults.py)."""
     support, labels, query = random_task(5, 1, 8)
     support[0, 3, 2] = float("nan")
-    with pytest.raises(EpisodicError, match="non-finite .* 5-way x 1-shot .*lower the learning rate"):
-        SVMHead().scores(support, labels, query, 5)
+    logits = SVMHead().scores(support, labels, query, 5)
+    assert torch.isnan(logits).all()
 
 
 def test_importing_the_backends_does_not_import_qpth_or_cvxpy() -> None:

@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from episodic.data.datasets import ArrayDataset, Splits
+from episodic.errors import EpisodicError
 from episodic.eval.features import extract_features, labelled
-from episodic.eval.fewshot import fewshot_accuracy, fewshot_source
+from episodic.eval.fewshot import fewshot_accuracy, fewshot_source, sample_episodes
 from episodic.eval.linear import linear_probe
 from episodic.heads.protonet import ProtoNetHead
 
@@ -29,6 +30,17 @@ from episodic.heads.protonet import ProtoNetHead
 def fewshot_set(data: Splits, cfg: DictConfig) -> ArrayDataset:
     """Labeled images of the few-shot classes (``data.fewshot_classes`` from ``data.fewshot_split``)."""
     return fewshot_source(data, cfg.data)
+
+
+def check_quick_eval(data: Splits, cfg: DictConfig) -> None:
+    """The end-of-run few-shot episodes can be drawn from this data: checked before training, so that a
+    setting the data cannot meet ends the run before its work, not after it."""
+    fs, ev = fewshot_set(data, cfg), cfg.eval.fewshot
+    for shot in ev.shots:
+        try:
+            sample_episodes(fs.labels, int(ev.ways), int(shot), int(ev.queries), 2)
+        except EpisodicError as e:
+            raise EpisodicError(f"eval.fewshot (end of run): {e}") from None
 
 
 def evaluate_encoder(backbone: nn.Module, data: Splits, cfg: DictConfig, device: torch.device) -> dict[str, Any]:

@@ -176,11 +176,8 @@ class QPSolver:
             bool(((labels >= 0) & (labels < n_way)).all()),
             f"support labels must lie in [0, {n_way}); got values from {int(labels.min())} to {int(labels.max())}",
         )
-        if not bool(torch.isfinite(support).all()):
-            raise EpisodicError(
-                f"non-finite (NaN or inf) support embeddings on {self.describe(support, n_way)}; "
-                "training has diverged: lower the learning rate or check the data"
-            )
+        if not bool(torch.isfinite(support).all()):  # a diverged run: NaN for the non-finite guard
+            return torch.full((*support.shape[:2], n_way), math.nan, dtype=support.dtype, device=support.device)
         onehot = torch.nn.functional.one_hot(labels, n_way).to(support.dtype)
         alpha = self.solve(support, onehot)
         if self.checks_itself:

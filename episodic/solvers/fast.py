@@ -162,7 +162,11 @@ class FastSolver(QPSolver):
             x_new = project_rows(y - grad / big_l, upper, self.C)
             step = y - x_new
             residual = big_l.view(e) * step.flatten(1).norm(dim=1) / math.sqrt(n)
-            if float(residual.max()) <= self.tol:
+            worst = float(residual.max())
+            if not math.isfinite(worst):  # non-finite embeddings: NaN for the non-finite guard, not an error
+                self._last = None
+                return torch.full_like(x_new, math.nan)
+            if worst <= self.tol:
                 self.last_iters = it
                 self._last = (onehot, x_new)
                 return x_new
@@ -199,6 +203,8 @@ class FastSolver(QPSolver):
             rs = rs_new
         if bool((rs <= target).all()):
             return w
+        if not bool(torch.isfinite(rs).all()):  # non-finite inputs: NaN gradients for the guard
+            return torch.full_like(w, math.nan)
         ratio = float((rs / target.clamp_min(torch.finfo(rs.dtype).tiny)).max().sqrt()) * self.cg_tol
         raise EpisodicError(
             f"the SVM head's implicit backward did not converge on "
