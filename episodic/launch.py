@@ -7,10 +7,17 @@ torchrun's agent reports the signal as its own failure (a traceback, a non-zero 
 script cannot tell from a crash. This launcher runs the same agent (``torch.distributed.run``, every
 option as torchrun's) and, after a stop signal, exits 0 with one line when the run folder
 (``hydra.run.dir``) holds a checkpoint written after the signal, else 1 with one line saying so.
+
+It also sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (unless set): with the c10d rendezvous, torchrun
+shares one store across rendezvous rounds, so after a worker fails and the agents restart their
+workers (``--max-restarts``), the new workers can read the old workers' addresses from it and fail to
+connect (pytorch/pytorch#135712); a store per round avoids that. ``benchmarks/node_failure.py`` runs
+the two-node restart this is for.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +39,7 @@ def main() -> None:
     from torch.distributed.run import main as torchrun
 
     argv = sys.argv[1:]
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module docstring
     started = time.time()
     try:
         torchrun(argv)

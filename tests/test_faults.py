@@ -89,7 +89,7 @@ def test_divergence_stops_naming_a_finite_checkpoint_and_resuming_lower_uses_the
     ), again.err[-2000:]
 
 
-def test_skipping_keeps_every_buffer_finite_counts_skips_and_caps_them(tmp_path: Path) -> None:
+def test_consecutive_skips_beyond_max_skips_stop_the_run(tmp_path: Path) -> None:
     r = train(
         tmp_path / "skip",
         "head=contrastive",
@@ -149,29 +149,78 @@ def test_sigterm_to_the_process_group_with_a_loader_worker_stops_cleanly_and_res
     assert a == b
 
 
+def test_sigterm_to_the_launcher_group_with_two_processes_and_loader_workers_is_a_clean_stop(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "episodic.launch",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "episodic.train",
+        *SMALL,
+        *CONV,
+        *DIGITS,
+        "loader.augment=worker",
+        "loader.workers=1",
+        "train.ckpt_every=0",
+        "train.log_every=1",
+        "train.steps=100000",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(f.stat().st_size for f in run.glob("tb/*")) < 2000:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the agent, both trainers and their loader workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    m = re.search(r"stopped by SIGTERM after step (\d+) of 100000; checkpoint (\S+);", out)
+    assert m and f"stopped by SIGTERM: stop checkpoint {m.group(2)}" in out, out + err[-3000:]
+    state = checkpoint.load(m.group(2))
+    assert state["step"] == int(m.group(1)) >= 1 and state["world_size"] == 2
+
+
 # ------------------------------------------------------------------------------ exports never clobber inputs
-def test_export_refuses_to_overwrite_its_checkpoint_any_checkpoint_an_existing_file_or_a_folder(
-    trained: Path, tmp_path: Path
-) -> None:
+EXPORT_REFUSALS = [
+    (["out={ckpt}"], "is the input itself"),
+    (["out={other}", "overwrite=true"], "is a training checkpoint; export never replaces one"),
+    (["out={exists}"], "exists; choose another file, or overwrite=true"),
+    (["out={folder}"], "is a folder; give a file path"),
+]
+
+
+@pytest.mark.parametrize("args, message", EXPORT_REFUSALS, ids=[a[0] for a, _ in EXPORT_REFUSALS])
+def test_export_never_clobbers_an_input(trained: Path, tmp_path: Path, args: list[str], message: str) -> None:
     ckpt = trained / "checkpoints" / "last.pt"
-    before = ckpt.read_bytes()
-    assert "is the input itself" in run_forked("episodic.export", f"checkpoint={ckpt}", f"out={ckpt}").one_error()
-    other = trained / "checkpoints" / "step_0000002.pt"
-    line = run_forked("episodic.export", f"checkpoint={ckpt}", f"out={other}", "overwrite=true").one_error()
-    assert "is a training checkpoint; export never replaces one" in line
-    (tmp_path / "exists.pt").write_bytes(b"x")
+    names = {
+        "ckpt": ckpt,
+        "other": trained / "checkpoints" / "step_0000002.pt",
+        "exists": tmp_path / "e.pt",
+        "folder": tmp_path,
+    }
+    (tmp_path / "e.pt").write_bytes(b"x")
+    before = {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()}
     assert (
-        "exists; choose another file, or overwrite=true"
-        in run_forked("episodic.export", f"checkpoint={ckpt}", f"out={tmp_path / 'exists.pt'}").one_error()
+        message in run_forked("episodic.export", f"checkpoint={ckpt}", *(a.format(**names) for a in args)).one_error()
     )
-    assert (
-        run_forked("episodic.export", f"checkpoint={ckpt}", f"out={tmp_path / 'exists.pt'}", "overwrite=true").code == 0
-    )  # the documented way to replace a file
-    assert (
-        "is a folder; give a file path"
-        in run_forked("episodic.export", f"checkpoint={ckpt}", f"out={tmp_path}").one_error()
+    assert {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()} == before
+    assert (tmp_path / "e.pt").read_bytes() == b"x" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_export_overwrites_an_existing_file_only_when_asked(trained: Path, tmp_path: Path) -> None:
+    (tmp_path / "e.pt").write_bytes(b"x")
+    ran = run_forked(
+        "episodic.export",
+        f"checkpoint={trained / 'checkpoints' / 'last.pt'}",
+        f"out={tmp_path / 'e.pt'}",
+        "overwrite=true",
     )
-    assert ckpt.read_bytes() == before and not list(tmp_path.glob("*.tmp")) and not list(trained.rglob("*.tmp"))
+    assert ran.code == 0 and torch.load(tmp_path / "e.pt", weights_only=True), ran.err[-2000:]
 
 
 # ------------------------------------------------------------------------------ checkpoint housekeeping
@@ -198,17 +247,32 @@ def test_pruning_leaves_a_damaged_checkpoint_and_keeps_the_newest_intact_ones(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002.pt", "step_0000003.pt", "step_0000004.pt"]
 
 
-def test_resume_refusals(trained: Path, tmp_path: Path) -> None:
+def test_an_explicit_resume_that_finds_nothing_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    assert "no valid checkpoint in that folder" in train(tmp_path / "r1", f"resume={tmp_path / 'empty'}").one_error()
-    line = train(tmp_path / "r2", "train.steps=3", f"resume={trained}").one_error()
-    assert "is at step 4 but train.steps=3; set train.steps >= 4" in line
-    line = train(tmp_path / "r3", "train.steps=8", "backbone=resnet_tiny", f"resume={trained}").one_error()
-    assert "was trained with backbone.name=conv4 but this run has backbone.name=resnet_tiny" in line
-    line = train(tmp_path / "r4", "train.steps=8", "backbone.params.width=8", f"resume={trained}").one_error()
-    assert "was trained with backbone.params=" in line and "'width': 8" in line
-    line = train(tmp_path / "r5", "train.steps=8", "head=contrastive", f"resume={trained}").one_error()
-    assert "was trained with head.name=r2d2 but this run has head.name=contrastive" in line
+    assert "no valid checkpoint in that folder" in train(tmp_path / "r", f"resume={tmp_path / 'empty'}").one_error()
+
+
+RESUME_REFUSALS = [
+    (["train.steps=3"], "is at step 4 but train.steps=3; set train.steps >= 4"),
+    (["backbone=resnet_tiny"], "was trained with backbone.name=conv4 but this run has backbone.name=resnet_tiny"),
+    (
+        ["backbone.params.width=8"],
+        "was trained with backbone.params={'width': 16, 'depth': 2} but this run has "
+        "backbone.params={'width': 8, 'depth': 2}",
+    ),
+    (["backbone.projector.out_dim=8"], "but this run has backbone.projector={'hidden_dim': 32, 'out_dim': 8,"),
+    (["head=contrastive"], "was trained with head.name=r2d2 but this run has head.name=contrastive"),
+    (["method=moco"], "was trained with method.name=simclr but this run has method.name=moco"),
+]
+
+
+@pytest.mark.parametrize("args, message", RESUME_REFUSALS, ids=[a[0] for a, _ in RESUME_REFUSALS])
+def test_resuming_another_structure_or_fewer_steps_is_refused(
+    trained: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    steps = [] if any(a.startswith("train.steps") for a in args) else ["train.steps=8"]
+    line = train(tmp_path / "run", *steps, *args, f"resume={trained}").one_error()
+    assert message in line and ("resume=null" in line or "set train.steps" in line), line
 
 
 # ------------------------------------------------------------------------------ I/O faults
@@ -353,23 +417,24 @@ def test_config_faults_are_one_line(tmp_path: Path, args: list[str], message: st
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("events.*"))  # before any training
 
 
-def test_eval_lines_that_used_to_mislead(trained: Path) -> None:
-    ckpt = trained / "checkpoints" / "last.pt"
-    empty = trained.parent / "empty_run"
-    empty.mkdir(exist_ok=True)
-    line = run_forked("episodic.eval", "eval=knn", f"checkpoint={empty}").one_error()
-    assert "is a folder with no valid checkpoint" in line
-    assert run_forked("episodic.eval", "eval=knn", f"checkpoint={trained}", "eval.k=[5]").code == 0  # a run folder
-    line = run_forked("episodic.eval", "eval=semi", f"checkpoint={ckpt}", "eval.fractions=[1.5]").one_error()
-    assert "eval.fractions=[1.5] is not allowed" in line
-    line = run_forked("episodic.eval", "eval=knn", f"checkpoint={ckpt}", "eval.k=[100000]").one_error()
-    assert "eval.k=100000 is larger than the" in line
-    ran = run_forked(
-        "episodic.eval",
-        "eval=linear",
-        f"checkpoint={ckpt}",
-        "eval.optimizer=sgd",
-        "eval.steps=20",
-        "eval.baseline=false",
-    )
-    assert ran.code == 0, ran.err[-2000:]  # the documented SGD probe runs on digits
+EVAL_LINES = [
+    (["eval=knn", "checkpoint={empty}"], "is a folder with no valid checkpoint"),
+    (["eval=semi", "checkpoint={ckpt}", "eval.fractions=[1.5]"], "eval.fractions=[1.5] is not allowed"),
+    (["eval=knn", "checkpoint={ckpt}", "eval.k=[100000]"], "eval.k=100000 is larger than the"),
+]
+
+
+@pytest.mark.parametrize("args, message", EVAL_LINES, ids=[a[-1] for a, _ in EVAL_LINES])
+def test_eval_lines_that_used_to_mislead(trained: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    names = {"ckpt": trained / "checkpoints" / "last.pt", "empty": tmp_path}
+    assert message in run_forked("episodic.eval", *(a.format(**names) for a in args)).one_error()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["eval=knn", "eval.k=[5]"], ["eval=linear", "eval.optimizer=sgd", "eval.steps=20"]],
+    ids=["run-folder", "sgd-probe"],
+)
+def test_eval_of_a_run_folder_and_the_documented_sgd_probe_run(trained: Path, args: list[str]) -> None:
+    ran = run_forked("episodic.eval", f"checkpoint={trained}", *args, "eval.baseline=false")
+    assert ran.code == 0, ran.err[-2000:]
