@@ -13,8 +13,8 @@ no head, no episode. Both run interleaved (bare, then every head, per round), so
 shared machine hits them alike; the figure is the ratio of the medians over ``--rounds`` rounds (the
 median of the per-round ratios is printed too). Target: <= 1.05 for contrastive, ProtoNet and R2D2.
 
-The Trainer is built on the digits data with ``data.channels`` set to ``--channels``: the data itself
-is never used, every step gets the fixed views.
+The Trainer is built on the digits data with ``--channels`` channels: the data itself is never used,
+every step gets the fixed views.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def make_trainer(
         f"backbone={backbone}",
         "data=digits",
         f"data.channels={channels}",
+        f"data.params.channels={channels}",
         f"data.augment.size={size}",
         f"batch_size={batch}",
         "n_supp=1",

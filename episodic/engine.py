@@ -249,7 +249,7 @@ class Trainer:
             self.optimizer.found_inf = bad  # type: ignore[attr-defined]  # read by the fused kernels and LARS
             self.optimizer.step()
         self.scheduler.step()
-        if not self.guard.record(self.step + 1, loss, bad, before, self.last_good):
+        if not self.guard.record(self.step + 1, loss, acc, bad, before, self.last_good):
             self.model.method.after_step(self.step, self.steps)  # momentum encoders follow the update
         return StepStats(loss, acc, bad)
 
@@ -507,21 +507,19 @@ class Trainer:
         )
         self.model.train()
         t0, seen, wait = time.perf_counter(), 0, 0.0
-        sums = torch.zeros(2, device=self.device)  # loss and accuracy summed since the last log, on the device
-        since, skipped_before = 0, self.guard.skipped
+        skipped_before = self.guard.skipped
         while self.step < self.steps:
             t_wait = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t_wait
-            stats = self.train_step(batch)
+            self.train_step(batch)  # its loss, accuracy and flag stay on the device, in the guard
             self.step += 1
-            sums += torch.stack([stats.loss, stats.acc])
-            since += 1
             seen += (batch.shape[0] if batch.dim() == 4 else batch.shape[1]) * self.dist.world_size
             if self.step % cfg.train.log_every == 0 or self.step == self.steps:
                 self.guard.check(self.step, self.last_good)  # the host reads the flags here, not every step
+                rows = self.guard.take()  # flag, loss, accuracy of each step since the last record
                 dt = time.perf_counter() - t0
-                mean = distributed.reduce_metrics({"loss": sums[0] / since, "acc": sums[1] / since}, self.device)
+                mean = distributed.reduce_metrics({"loss": rows[:, 1].mean(), "acc": rows[:, 2].mean()}, self.device)
                 rec = {
                     "step": self.step,
                     "loss": mean["loss"],  # mean over the steps since the last record (and over processes)
@@ -536,8 +534,7 @@ class Trainer:
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, self.step)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}", img_s=f"{rec['images_per_s']:.0f}")
-                t0, seen, wait, since, skipped_before = time.perf_counter(), 0, 0.0, 0, self.guard.skipped
-                sums.zero_()
+                t0, seen, wait, skipped_before = time.perf_counter(), 0, 0.0, self.guard.skipped
             if cfg.train.hist_every and self.step % cfg.train.hist_every == 0:
                 log_scores(writer, *self.last_scores, self.step)  # score histograms (episodic/heads/histograms.py)
             bar.update(1)

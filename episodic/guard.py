@@ -52,20 +52,23 @@ class Guard:
     ) -> None:
         self.model, self.skip, self.max_skips, self.describe = model, skip, max_skips, describe
         self.window = window
-        self.flags = torch.zeros(2, window, device=device)  # per step since the last check: [bad, loss]
-        self.first_step = 0  # step number of column 0
-        self.used = 0  # columns written since the last check
+        self.rows = torch.zeros(window, 3, device=device)  # per step since the last log: bad, loss, accuracy
+        self.first_step = 0  # step number of row 0
+        self.used = 0  # rows written since the last log
         self.skipped = 0  # steps skipped in total (skip mode)
         self.in_a_row = 0  # flagged steps in a row (skip mode)
         self.one = torch.ones((), device=device)
+        self.bad = torch.zeros((), device=device)
 
     def found_inf(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
-        """``1.0`` when ``loss`` or any gradient of ``params`` is non-finite, else ``0.0`` (device scalar)."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(())
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:  # sets bad to 1 if any entry is inf or nan; scales by 1 (the gradients stay as they are)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, bad, self.one)
-        return bad
+        """``1.0`` when ``loss`` or any gradient of ``params`` is non-finite, else ``0.0`` (a 0-d device tensor,
+        rewritten by the next call)."""
+        self.bad.zero_()
+        # one kernel sets the flag if any entry of the loss or a gradient is inf or nan; it also scales
+        # them by 1 in place (the values stay as they are; the loss is only read after this)
+        checked = [loss.detach().reshape(1), *(p.grad for p in params if p.grad is not None)]
+        torch._amp_foreach_non_finite_check_and_unscale_(checked, self.bad, self.one)
+        return self.bad
 
     def snapshot(self) -> list[Tensor] | None:
         """Copies of the model's floating buffers (skip mode only), to undo a flagged step's forward."""
@@ -74,16 +77,24 @@ class Guard:
         return [b.detach().clone() for b in self.model.buffers() if b.is_floating_point()]
 
     def record(
-        self, step: int, loss: Tensor, bad: Tensor, before: list[Tensor] | None, last_good: Callable[[], str]
+        self,
+        step: int,
+        loss: Tensor,
+        acc: Tensor,
+        bad: Tensor,
+        before: list[Tensor] | None,
+        last_good: Callable[[], str],
     ) -> bool:
-        """Keep (or, in skip mode, act on) step ``step``'s flag; ``True`` when the step was skipped."""
+        """Keep step ``step``'s flag, loss and accuracy on the device (and, in skip mode, act on the
+        flag); ``True`` when the step was skipped."""
+        if self.used == self.window:  # nobody logged (a caller of train_step alone): check, then start over
+            self.check(step - 1, last_good)
+            self.take()
+        if self.used == 0:
+            self.first_step = step
+        torch.stack([bad.reshape(()), loss.reshape(()), acc.reshape(())], out=self.rows[self.used])
+        self.used += 1
         if not self.skip:
-            if self.used == self.window:  # a check is overdue (a caller that never checks)
-                self.check(step - 1, last_good)
-            if self.used == 0:
-                self.first_step = step
-            self.flags[:, self.used].copy_(torch.stack([bad, loss.detach().float().reshape(())]))
-            self.used += 1
             return False
         if not bool(bad):  # one host read a step: the price of skipping exactly
             self.in_a_row = 0
@@ -106,17 +117,23 @@ class Guard:
             )
         return True
 
+    def take(self) -> Tensor:
+        """The rows kept since the last call (``[steps, 3]``: flag, loss, accuracy; on the host, one
+        read), and start a new window: the loop logs their means."""
+        rows = self.rows[: self.used].cpu()
+        self.used = 0
+        return rows
+
     def check(self, step: int, last_good: Callable[[], str]) -> None:
-        """At a log or checkpoint boundary (``step``): read the flags kept since the last check and test
+        """At a log or checkpoint boundary (``step``): read the flags kept since the last log and test
         the model's state (a few host reads); stop on the first flagged step or non-finite tensor."""
         if not self.skip and self.used:
-            flags = self.flags[:, : self.used].cpu()
-            first, self.used = self.first_step, 0
-            bad = torch.nonzero(flags[0]).flatten()
+            rows = self.rows[: self.used].cpu()
+            bad = torch.nonzero(rows[:, 0]).flatten()
             if len(bad):
                 i = int(bad[0])
                 raise EpisodicError(
-                    f"non-finite loss or gradient (loss {float(flags[1, i])}) at step {first + i} "
+                    f"non-finite loss or gradient (loss {float(rows[i, 1])}) at step {self.first_step + i} "
                     f"({self.describe()}); last good checkpoint: {last_good()}; lower optim.optimizer.lr and "
                     "resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such steps"
                 )

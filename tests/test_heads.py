@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from episodic.heads import HEADS
+from episodic.heads.base import LogitScale
 from episodic.heads.contrastive import ContrastiveHead
 from episodic.heads.protonet import ProtoNetHead
 from episodic.heads.r2d2 import R2D2Head, ridge_weights
@@ -144,4 +145,12 @@ def test_learnable_scale_gets_gradient() -> None:
     head = R2D2Head(learn_scale=True).double()
     _, ep = episode()
     head(ep).loss.backward()
-    assert head.scale.log_scale.grad is not None and head.scale.log_scale.grad.abs() > 0
+    assert head.scale.log_gain.grad is not None and head.scale.log_gain.grad.abs() > 0
+
+
+@pytest.mark.parametrize("init", [1 / 0.07, 1 / 0.2, 10.0, 2.5])
+def test_a_learnable_logit_scale_starts_exactly_at_its_value_in_float64(init: float) -> None:
+    scale = LogitScale(init, learn=True).double()
+    one = torch.ones((), dtype=torch.float64)
+    assert scale(one).item() == init and scale.value == init
+    assert LogitScale(init, learn=True)(torch.ones(())).item() == torch.tensor(init).item()  # float32: rounded once

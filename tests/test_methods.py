@@ -168,7 +168,7 @@ def test_byol_trains_online_and_predictor_not_target() -> None:
     assert byol.predictor.net[0].weight.grad.abs().sum() > 0
     assert byol.encoder.projector.net[0].weight.grad is not None
     assert all(p.grad is None for p in byol.target.parameters())
-    assert head.scale.log_scale.grad is None  # the head only scores, it is not in BYOL's loss
+    assert head.scale.log_gain.grad is None  # the head only scores, it is not in BYOL's loss
     before = [p.clone() for p in byol.target.parameters()]
     byol.after_step(3, 10)
     for t, b, o in zip(byol.target.parameters(), before, byol.encoder.parameters()):

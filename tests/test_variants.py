@@ -337,8 +337,9 @@ def test_feature_transform_detached_partner_is_moco_gradient(kind: str) -> None:
 def test_feature_transform_coefficients_follow_the_official_betas() -> None:
     v = head("contrastive", {"feature_transform": {}}).variants["feature_transform"]
     torch.manual_seed(0)
-    lam = np.array([v.sample_pos() for _ in range(4000)])
-    mu = np.array([v.sample_neg() for _ in range(4000)])
+    like = torch.zeros(1)  # the coefficients are drawn on this tensor's device, as 0-d tensors
+    lam = np.array([float(v.sample_pos(like)) for _ in range(4000)])
+    mu = np.array([float(v.sample_neg(like)) for _ in range(4000)])
     assert lam.min() >= 1 and lam.max() <= 2 and abs(lam.mean() - 1.5) < 0.015
     assert mu.min() >= 0 and mu.max() <= 1 and abs(mu.mean() - 0.5) < 0.015
     # the variance of Beta(a, a) is 1 / (4 (2a + 1))

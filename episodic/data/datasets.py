@@ -140,27 +140,29 @@ class Source:
 
 @DATASETS.register("digits")
 class Digits(Source):
-    """scikit-learn's digits: 1,797 8x8 images (0..16) -> uint8, upsampled; fixed 70/30 split."""
+    """scikit-learn's digits: 1,797 8x8 images (0..16) -> uint8, upsampled; fixed 70/30 split.
+    ``channels=3`` repeats the gray channel (RGB backbones and pipelines, offline)."""
 
-    def __init__(self, image_size: int = 32) -> None:
+    def __init__(self, image_size: int = 32, channels: int = 1) -> None:
         check(
             isinstance(image_size, int) and image_size >= 8,
             f"data.params.image_size={image_size!r} is not allowed; use an integer >= 8 (the digits are 8x8)",
         )
-        self.image_size = image_size
+        check(channels in (1, 3), f"data.params.channels={channels!r} is not allowed; use 1 or 3")
+        self.image_size, self.channels = image_size, channels
 
     def load(self) -> Splits:
-        return digits(self.image_size)
+        return digits(self.image_size, self.channels)
 
 
-def digits(image_size: int = 32) -> Splits:
-    """The digits at ``image_size`` (see :class:`Digits`)."""
+def digits(image_size: int = 32, channels: int = 1) -> Splits:
+    """The digits at ``image_size`` with ``channels`` (see :class:`Digits`)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
-    x = resize_uint8(x, image_size)
+    x = resize_uint8(x, image_size).expand(-1, channels, -1, -1).contiguous()
     y = torch.from_numpy(d.target).long()
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.3, random_state=0, stratify=d.target)
     names = [str(i) for i in range(10)]

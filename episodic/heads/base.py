@@ -41,8 +41,11 @@ stage each; every hook is the identity by default:
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
 HEADS: Registry[type[Head]] = Registry("head", "episodic.heads")
 
 Scoring = Literal["scores", "kernel", "ridge", "qp"]
+T = TypeVar("T")
 Gathers = Literal["support", "all"]
 
 
@@ -77,9 +81,39 @@ class HeadOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+_CONSTANTS: OrderedDict[tuple[Hashable, ...], tuple[list[weakref.ref[Tensor]], tuple[int, ...], Any]] = OrderedDict()
+
+
+def label_constant(make: Callable[[], T], key: Hashable, *labels: Tensor) -> T:
+    """``make()``, a function of the label tensors ``labels`` (and of ``key``) only, computed once while
+    the very same tensors, unmodified, come back. A sampler whose labels depend only on the episode's
+    shape hands out the same label tensors every step (the views sampler does), so one-hot targets and
+    masks cost no kernel launches after the first step; fresh label tensors are simply recomputed.
+    Not used while ``torch.compile`` traces (the compiled graph computes, and fuses, them)."""
+    if torch.compiler.is_compiling() or any(t.requires_grad for t in labels):
+        return make()  # a tensor in an autograd graph is not a constant
+    k = (key, *map(id, labels))
+    hit = _CONSTANTS.get(k)
+    versions = tuple(t._version for t in labels)
+    if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], labels)):
+        _CONSTANTS.move_to_end(k)
+        return hit[2]
+    value = make()
+    _CONSTANTS[k] = ([weakref.ref(t) for t in labels], versions, value)
+    if len(_CONSTANTS) > 64:
+        _CONSTANTS.popitem(last=False)
+    return value
+
+
 def one_hot(labels: Tensor, n_way: int, dtype: torch.dtype) -> Tensor:
-    """``[E, N]`` integer labels -> ``[E, N, n_way]`` one-hot of ``dtype``."""
-    return F.one_hot(labels, n_way).to(dtype)
+    """``[E, N]`` integer labels -> ``[E, N, n_way]`` one-hot of ``dtype``. Unlike ``F.one_hot`` it does
+    not read the labels' range on the host (a GPU sync); a label outside ``[0, n_way)`` gives a zero row
+    (samplers make the labels; tests check their range)."""
+
+    def make() -> Tensor:
+        return (labels.unsqueeze(-1) == torch.arange(n_way, device=labels.device)).to(dtype)
+
+    return label_constant(make, ("one_hot", n_way, dtype), labels)
 
 
 def query_targets(episode: Episode, dtype: torch.dtype) -> Tensor:
@@ -106,20 +140,31 @@ def episode_cross_entropy(logits: Tensor, episode: Episode) -> Tensor:
     return nll.mean()
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
-    """``mean_a -sum_c t_ac log softmax_c(l_a)`` over valid columns (``valid [.., A, C]`` bool or None)."""
+def soft_cross_entropy(
+    logits: Tensor, targets: Tensor, valid: Tensor | None = None, positive: Tensor | None = None
+) -> Tensor:
+    """``mean_a -sum_c t_ac log softmax_c(l_a)`` over valid columns (``valid [.., A, C]`` bool or None;
+    targets are 0 off it). An invalid column gets the dtype's lowest finite value, not ``-inf``: its
+    probability is still exactly 0, and ``0 * logp`` stays 0 rather than NaN. ``positive [.., A]``: the
+    column holding all of each anchor's target mass, when there is one (then the loss is a plain
+    cross-entropy, fewer kernels)."""
     if valid is not None:
-        logits = logits.masked_fill(~valid, float("-inf"))
-    logp = logits.log_softmax(-1)
-    if valid is not None:
-        logp = logp.masked_fill(~valid, 0.0)
-    return -(targets * logp).sum(-1).mean()
+        invalid = label_constant(lambda: ~valid, "invalid", valid)
+        logits = logits.masked_fill(invalid, torch.finfo(logits.dtype).min)
+    if positive is not None:
+        return F.cross_entropy(logits.flatten(0, -2), positive.flatten())
+    return -(targets * logits.log_softmax(-1)).sum(-1).mean()
 
 
 def prototypes(x: Tensor, weights: Tensor, min_mass: float = 1.0) -> Tensor:
     """Weighted class means ``[E, K, d]``: ``c_k = sum_i w_ik x_i / max(sum_i w_ik, min_mass)`` for rows
-    ``x [E, N, d]`` and label mass ``weights [E, N, K]`` (one-hot: ProtoNet's class means)."""
-    return weights.transpose(1, 2) @ x / weights.sum(1).clamp_min(min_mass).unsqueeze(-1)
+    ``x [E, N, d]`` and label mass ``weights [E, N, K]`` (one-hot: ProtoNet's class means). The
+    normalised weights are a label constant when the weights are (one-hot labels)."""
+
+    def make() -> Tensor:
+        return weights / weights.sum(1, keepdim=True).clamp_min(min_mass)
+
+    return label_constant(make, ("share", min_mass), weights).transpose(1, 2) @ x
 
 
 def full_precision(x: Tensor) -> Tensor:
@@ -174,14 +219,15 @@ class Head(nn.Module):
         return None
 
     def target_loss(
-        self, logits: Tensor, targets: Tensor, valid: Tensor | None = None
+        self, logits: Tensor, targets: Tensor, valid: Tensor | None = None, positive: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Soft-target cross-entropy over columns, or a variant's replacement (debiased)."""
+        """Soft-target cross-entropy over columns, or a variant's replacement (debiased); ``positive``
+        as for :func:`soft_cross_entropy`."""
         for v in self.active_variants:
             out = v.loss(logits, targets, valid, self.min_logit())
             if out is not None:
                 return out
-        return soft_cross_entropy(logits, targets, valid), {}
+        return soft_cross_entropy(logits, targets, valid, positive), {}
 
     def check_memory(self, memory: Tensor | None) -> None:
         check(
@@ -211,20 +257,24 @@ def thin(x: Tensor, n: int = 4096) -> Tensor:
 
 
 class LogitScale(nn.Module):
-    """A positive logit multiplier: ``exp(log_scale)`` when learnable, else the exact constant ``init``."""
+    """A positive logit multiplier ``init * exp(log_gain)``: learnable ``log_gain`` (starting at 0), or the
+    constant ``init``. Written as a gain on ``init`` (not ``exp(log(init))``), the scale is exactly
+    ``init`` at the start in every dtype; the gradient is the same as a learnable log-scale's (0-d, so
+    no weight decay either way)."""
 
     def __init__(self, init: float = 1.0, learn: bool = False) -> None:
         super().__init__()
         check(math.isfinite(init) and init > 0, f"head.params.scale={init!r} is not allowed; use a number > 0")
         self.init = float(init)
-        self.log_scale = nn.Parameter(torch.tensor(self.init).log()) if learn else None
+        self.log_gain = nn.Parameter(torch.zeros(())) if learn else None
 
     @property
     def value(self) -> float:
-        return self.init if self.log_scale is None else float(self.log_scale.exp())
+        """The current scale (a host read when learnable: for messages and evaluation, not the step)."""
+        return self.init if self.log_gain is None else self.init * float(self.log_gain.detach().exp())
 
     def forward(self, logits: Tensor) -> Tensor:
-        return logits * (self.init if self.log_scale is None else self.log_scale.exp())
+        return logits * self.init if self.log_gain is None else logits * (self.init * self.log_gain.exp())
 
 
 # ================================================================= kernel heads
@@ -242,6 +292,8 @@ class Pairs:
         support: ``[E, Ns, d]`` the normalised support rows (soft neighbours look theirs up).
         support_labels: ``[E, Ns]``.
         n_way: classes in the episode.
+        positive: ``[E, A]`` the column holding all of each anchor's target mass, when every anchor
+            has a single positive (``None`` otherwise; dropped when a variant adds columns).
     """
 
     anchors: Tensor
@@ -252,6 +304,7 @@ class Pairs:
     support: Tensor
     support_labels: Tensor
     n_way: int
+    positive: Tensor | None = None
 
     def replace(self, **changes: Any) -> Pairs:
         return replace(self, **changes)
@@ -262,21 +315,35 @@ class Pairs:
         return torch.ones(self.targets.shape, dtype=torch.bool, device=self.targets.device)
 
 
-@dataclass
 class Geometry:
     """Dot products and squared norms of anchor/candidate pairs (every kernel is a function of them).
 
-    ``dot [E, A, C]``, ``na`` broadcastable to it (``[E, A, 1]``), ``nc`` (``[E, 1, C]``).
+    ``dot [E, A, C]``, ``na`` broadcastable to it (``[E, A, 1]``), ``nc`` (``[E, 1, C]``). Built from
+    rows (:meth:`of`), the norms are computed when first read: the plain dot-product kernels never do.
     """
 
-    dot: Tensor
-    na: Tensor
-    nc: Tensor
+    def __init__(
+        self, dot: Tensor, na: Tensor | None = None, nc: Tensor | None = None, rows: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        self.dot, self._na, self._nc, self._rows = dot, na, nc, rows
 
     @staticmethod
     def of(a: Tensor, c: Tensor) -> Geometry:
-        na, nc = a.pow(2).sum(-1, keepdim=True), c.pow(2).sum(-1).unsqueeze(-2)
-        return Geometry(a @ c.transpose(-1, -2), na, nc)
+        return Geometry(a @ c.transpose(-1, -2), rows=(a, c))
+
+    @property
+    def na(self) -> Tensor:
+        if self._na is None:
+            assert self._rows is not None
+            self._na = self._rows[0].pow(2).sum(-1, keepdim=True)
+        return self._na
+
+    @property
+    def nc(self) -> Tensor:
+        if self._nc is None:
+            assert self._rows is not None
+            self._nc = self._rows[1].pow(2).sum(-1).unsqueeze(-2)
+        return self._nc
 
     def sq_dist(self) -> Tensor:
         """``||a - c||^2`` (clamped at 0 against rounding)."""
@@ -335,8 +402,11 @@ class KernelHead(Head):
         """Run the variant stages on ``pairs``; return loss, extras, training logits and whether the
         geometry was transformed (then the training logits are not the head's plain scores)."""
         if self.training:
+            targets = pairs.targets
             for v in self.active_variants:
                 pairs = v.add_columns(pairs)
+            if pairs.targets is not targets:  # new columns with target mass: no single positive any more
+                pairs = pairs.replace(positive=None)
         geo = Geometry.of(pairs.anchors, pairs.cands)
         transformed = False
         extras: dict[str, Tensor] = {}
@@ -346,7 +416,7 @@ class KernelHead(Head):
                 transformed |= new is not geo
                 geo = new
         logits = self.kernel(geo)
-        loss, more = self.target_loss(logits, pairs.targets, pairs.valid)
+        loss, more = self.target_loss(logits, pairs.targets, pairs.valid, pairs.positive)
         extras.update(more)
         if transformed:
             with torch.no_grad():

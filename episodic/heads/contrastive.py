@@ -42,6 +42,7 @@ from episodic.heads.base import (
     Pairs,
     expand_memory,
     full_precision,
+    label_constant,
     one_hot,
     pad_columns,
     query_targets,
@@ -108,36 +109,33 @@ class ContrastiveHead(KernelHead):
         ns = episode.support.shape[1]
         z = self.l2(full_precision(torch.cat([episode.support, episode.query], 1)))
         support = z[:, :ns]
-        q_soft = query_targets(episode, z.dtype)
         mem = self.l2(expand_memory(memory, z)) if memory is not None else None
         k = 0 if mem is None else mem.shape[1]
+        soft, targets, valid, positive = self.label_terms(episode, z.dtype, k)
         if self.symmetric:
-            labels = torch.cat([episode.support_labels, episode.query_labels], 1)
-            soft = torch.cat([one_hot(episode.support_labels, episode.n_way, z.dtype), q_soft], 1)
-            m = z.shape[1]
-            eye = torch.eye(m, dtype=torch.bool, device=z.device).expand(z.shape[0], m, m)
-            valid = torch.cat([~eye, eye.new_ones(z.shape[0], m, k)], -1)
             pairs = Pairs(
                 anchors=z,
                 cands=z if mem is None else torch.cat([z, mem], 1),
-                targets=pad_columns(soft_positive_targets(labels, soft), k),
+                targets=targets,
                 valid=valid,
                 anchor_soft=soft,
                 support=support,
                 support_labels=episode.support_labels,
                 n_way=episode.n_way,
+                positive=positive,
             )
             rows, cols = slice(ns, None), slice(None, ns)
         else:
             pairs = Pairs(
                 anchors=z[:, ns:],
                 cands=support if mem is None else torch.cat([support, mem], 1),
-                targets=pad_columns(spread_targets(q_soft, episode.support_labels), k),
+                targets=targets,
                 valid=None,
-                anchor_soft=q_soft,
+                anchor_soft=soft,
                 support=support,
                 support_labels=episode.support_labels,
                 n_way=episode.n_way,
+                positive=positive,
             )
             rows, cols = slice(None), slice(None, ns)
         loss, extras, logits, transformed = self.pair_loss(pairs)
@@ -146,3 +144,31 @@ class ContrastiveHead(KernelHead):
         else:
             qs = logits[:, rows, cols]
         return HeadOutput(loss=loss, logits=class_logsumexp(qs, episode.support_labels, episode.n_way), extras=extras)
+
+    def label_terms(
+        self, episode: Episode, dtype: torch.dtype, k: int
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Anchor label mass, targets over the candidates (``k`` memory columns last), the valid mask (no
+        anchor is its own candidate) and, when every anchor has a single positive (two views of each
+        image, or one support view for one-directional scoring; no mixing), its column. Functions of
+        the labels only, so kept while the same label tensors repeat."""
+        labels = [episode.support_labels, episode.query_labels]
+        mixed = episode.mix_weight is not None and episode.query_labels_mix is not None
+        if mixed:
+            labels += [episode.query_labels_mix, episode.mix_weight]  # type: ignore[list-item]  # both set
+        single = not mixed and (episode.n_supp + episode.n_query == 2 if self.symmetric else episode.n_supp == 1)
+
+        def make() -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+            q_soft = query_targets(episode, dtype)
+            if not self.symmetric:
+                targets = pad_columns(spread_targets(q_soft, episode.support_labels), k)
+                return q_soft, targets, None, targets.argmax(-1) if single else None
+            every = torch.cat([episode.support_labels, episode.query_labels], 1)
+            soft = torch.cat([one_hot(episode.support_labels, episode.n_way, dtype), q_soft], 1)
+            e, m = every.shape
+            eye = torch.eye(m, dtype=torch.bool, device=every.device).expand(e, m, m)
+            valid = torch.cat([~eye, eye.new_ones(e, m, k)], -1)
+            targets = pad_columns(soft_positive_targets(every, soft), k)
+            return soft, targets, valid, targets.argmax(-1) if single else None
+
+        return label_constant(make, ("contrastive", self.symmetric, episode.n_way, dtype, k), *labels)

@@ -84,7 +84,9 @@ class ProtoNetHead(KernelHead):
         return self.kernel(Geometry.of(self.norm(query), c))
 
     def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
-        s, q = self.norm(full_precision(episode.support)), self.norm(full_precision(episode.query))
+        # one normalisation of every row (fewer kernels than two)
+        both = self.norm(full_precision(torch.cat([episode.support, episode.query], 1)))
+        s, q = both.split([episode.support.shape[1], episode.query.shape[1]], 1)
         c = prototypes(s, one_hot(episode.support_labels, episode.n_way, s.dtype))
         k = 0
         if memory is not None:
@@ -101,6 +103,7 @@ class ProtoNetHead(KernelHead):
             support=s,
             support_labels=episode.support_labels,
             n_way=episode.n_way,
+            positive=episode.query_labels if episode.mix_weight is None else None,
         )
         loss, extras, logits, transformed = self.pair_loss(pairs)
         n = episode.n_way

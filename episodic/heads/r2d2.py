@@ -50,27 +50,48 @@ from episodic.heads.base import (
 from episodic.tasks.episode import Episode
 
 
-def _cholesky_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
-    """``(gram + lam I)^{-1} rhs``. A system that cannot be factorised (non-finite embeddings of a diverging
-    run) gives NaN, not an exception, so the non-finite guard names the step; no host read either way."""
+def _ridge_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
+    """``(gram + lam I)^{-1} rhs`` by an LU solve, whose backward is one more solve with the same factors
+    (a Cholesky factorisation's backward launches about twice the kernels). A system that cannot be
+    solved (non-finite embeddings of a diverging run) gives NaN, not an exception, so the non-finite
+    guard names the step; no host read either way."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
-    factor = torch.where((info == 0).view(-1, 1, 1), factor, torch.nan)
-    return torch.cholesky_solve(rhs, factor)
+    x, info = torch.linalg.solve_ex(gram + lam * eye, rhs)
+    return torch.where((info == 0).view(-1, 1, 1), x, torch.nan)
 
 
-def ridge_weights(support: Tensor, targets: Tensor, lam: float, solve: str = "auto") -> Tensor:
-    """Ridge weights ``W [E, d, k]`` for ``support [E, n, d]`` and ``targets [E, n, k]``."""
+def ridge_weights(
+    support: Tensor, targets: Tensor, lam: float, solve: str = "auto", memory: Tensor | None = None
+) -> Tensor:
+    """Ridge weights ``W [E, d, k (+ K)]`` for ``support [E, n, d]`` and ``targets [E, n, k]``, plus
+    ``memory [E, K, d]`` rows that are each their own class (targets ``[[Y, 0], [0, I_K]]``). In the primal
+    the memory's targets are never formed: ``S^T Y`` is ``[S^T Y, M^T]`` (a queue of 65536 rows would make
+    them 65536 x 65536)."""
     n, d = support.shape[-2:]
-    primal = d <= n if solve == "auto" else solve == "primal"
+    rows = n + (0 if memory is None else memory.shape[1])
+    primal = d <= rows if solve == "auto" else solve == "primal"
+    if memory is None:
+        if primal:
+            return _ridge_solve(support.transpose(1, 2) @ support, support.transpose(1, 2) @ targets, lam)
+        return support.transpose(1, 2) @ _ridge_solve(support @ support.transpose(1, 2), targets, lam)
     if primal:
-        return _cholesky_solve(support.transpose(1, 2) @ support, support.transpose(1, 2) @ targets, lam)
-    return support.transpose(1, 2) @ _cholesky_solve(support @ support.transpose(1, 2), targets, lam)
+        st, mt = support.transpose(1, 2), memory.transpose(1, 2)
+        return _ridge_solve(st @ support + mt @ memory, torch.cat([st @ targets, mt], -1), lam)
+    return ridge_weights(*with_memory(support, targets, memory), lam, "dual")
+
+
+def with_memory(support: Tensor, targets: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """Support rows and targets with ``memory [E, K, d]`` appended, each memory row a class of its own:
+    ``[S; M]`` and ``[[Y, 0], [0, I_K]]`` (dense: for the dual and kernel forms, where ``K`` is small)."""
+    k = memory.shape[1]
+    eye = torch.eye(k, dtype=targets.dtype, device=targets.device).expand(targets.shape[0], k, k)
+    y_mem = torch.cat([eye.new_zeros(*eye.shape[:2], targets.shape[-1]), eye], -1)
+    return torch.cat([support, memory], 1), torch.cat([pad_columns(targets, k), y_mem], 1)
 
 
 def kernel_ridge_coefficients(gram: Tensor, targets: Tensor, lam: float) -> Tensor:
     """Dual coefficients ``alpha = (K + lam I)^{-1} Y`` for a kernel Gram matrix ``K [E, n, n]``."""
-    return _cholesky_solve(gram, targets, lam)
+    return _ridge_solve(gram, targets, lam)
 
 
 @HEADS.register("r2d2")
@@ -101,12 +122,15 @@ class R2D2Head(Head):
     def norm(self, x: Tensor) -> Tensor:
         return self.l2(x) if self.normalize else x
 
-    def fit(self, support: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
-        """The fitted classifier ``query [E, Nq, d] -> logits [E, Nq, k]`` (linear or kernel ridge)."""
+    def fit(self, support: Tensor, targets: Tensor, memory: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """The fitted classifier ``query [E, Nq, d] -> logits [E, Nq, k (+ K)]`` (linear or kernel ridge;
+        ``memory`` rows are classes of their own, see :func:`ridge_weights`)."""
         gram = next((v.gram for v in self.active_variants if v.replaces_kernel), None)
         if gram is None:
-            w = ridge_weights(support, targets, self.lam, self.solve)
+            w = ridge_weights(support, targets, self.lam, self.solve, memory)
             return lambda q: self._out(q @ w)
+        if memory is not None:
+            support, targets = with_memory(support, targets, memory)
         alpha = kernel_ridge_coefficients(gram(support, support), targets, self.lam)
         return lambda q: self._out(gram(q, support) @ alpha)
 
@@ -119,7 +143,9 @@ class R2D2Head(Head):
         return self.fit(s, one_hot(support_labels, n_way, s.dtype))(self.norm(query))
 
     def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
-        s, q = self.norm(full_precision(episode.support)), self.norm(full_precision(episode.query))
+        # one normalisation of every row (fewer kernels than two)
+        both = self.norm(full_precision(torch.cat([episode.support, episode.query], 1)))
+        s, q = both.split([episode.support.shape[1], episode.query.shape[1]], 1)
         n = episode.n_way
         y = one_hot(episode.support_labels, n, s.dtype)
         soft = query_targets(episode, q.dtype)
@@ -128,16 +154,11 @@ class R2D2Head(Head):
             for v in self.active_variants:
                 s_all, y_all = v.augment_support(s_all, y_all)
                 q_train = v.transform_queries(q_train, s, y, soft)
-        k = 0
-        if memory is not None:
-            mem = self.norm(expand_memory(memory, s))
-            k = mem.shape[1]
-            eye = torch.eye(k, dtype=s.dtype, device=s.device).expand(s.shape[0], k, k)
-            s_all = torch.cat([s_all, mem], 1)
-            y_mem = torch.cat([eye.new_zeros(s.shape[0], k, n), eye], -1)  # each memory row its own class
-            y_all = torch.cat([pad_columns(y_all, k), y_mem], 1)
-        classifier = self.fit(s_all, y_all)
+        mem = None if memory is None else self.norm(expand_memory(memory, s))
+        k = 0 if mem is None else mem.shape[1]
+        classifier = self.fit(s_all, y_all, mem)
         logits = classifier(q_train)
-        loss, extras = self.target_loss(logits, pad_columns(soft, k))
+        positive = episode.query_labels if episode.mix_weight is None else None
+        loss, extras = self.target_loss(logits, pad_columns(soft, k), positive=positive)
         raw = logits if q_train is q else classifier(q)
         return HeadOutput(loss=loss, logits=raw[..., :n], extras=extras)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from episodic.errors import EpisodicError
@@ -65,6 +66,11 @@ class CvxpyLayersSolver(QPSolver):
         _, n, d = support.shape
         k = onehot.shape[-1]
         args: dict[str, Any] = {"solve_method": self.solve_method}
+        if torch.is_grad_enabled() and support.requires_grad:
+            # diffcp differentiates by a dense factorisation, exactly (its default, "lsqr", is an iterative
+            # least-squares solve that can be percent-level off on small episodes); a solve without
+            # gradients goes to the cone solver alone, which takes no such option
+            args["mode"] = "dense"
         if self.solve_method == "Clarabel":
             args.update(max_iter=self.max_iter, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9)
         else:

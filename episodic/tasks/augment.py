@@ -30,6 +30,7 @@ Images in an episode are the augmented views (float, possibly normalised with th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,13 +106,11 @@ class Draw:
         return u.argsort(dim=1).to(self.device)
 
     def beta(self, alpha: float, n: int) -> Tensor:
-        """``n`` draws of Beta(alpha, alpha) as float32. The ratio-of-gammas sampler runs on a NumPy
-        generator seeded with 62 bits drawn from this one, so the stream stays seeded and exact."""
-        import numpy as np
-
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.gen_device).item())
-        rng = np.random.default_rng(seed)
-        return torch.from_numpy(rng.beta(alpha, alpha, size=n).astype("float32")).to(self.device)
+        """``n`` draws of Beta(alpha, alpha) as float32: ``X / (X + Y)`` for independent Gamma(alpha)
+        draws from this generator (on its device: no host read)."""
+        shape = torch.full((2, n), float(alpha), dtype=torch.float64, device=self.gen_device)
+        x, y = torch._standard_gamma(shape, generator=self.generator)
+        return (x / (x + y).clamp_min(torch.finfo(x.dtype).tiny)).float().to(self.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,14 +211,16 @@ class NewClassTransform(TaskAugment):
 
     def forward(self, episode: Episode, draw: Draw) -> Episode:
         views = image_views(episode)  # [E, V, n, ...]
-        e, _, n = views.shape[:3]
+        e, v, n = views.shape[:3]
         if self.mode == "replace":
             chosen = draw.rand(e, n) < self.p
-            ei, ii = chosen.nonzero(as_tuple=True)
-            params = self.sample(len(ei), draw)
-            if len(ei):  # views is a fresh tensor (image_views concatenates), safe to write
-                views[ei, :, ii] = self.transform(views[ei, :, ii], params)
-            return from_image_views(episode, views)
+            # every image is transformed and the chosen ones kept: a mask, not an index, so the step
+            # never waits for the host (the same distribution as transforming only the chosen ones)
+            params = self.sample(e * n, draw)
+            per_image = views.transpose(1, 2).flatten(0, 1)  # [E * n, V, ...]
+            new = self.transform(per_image, params).view(e, n, v, *views.shape[3:]).transpose(1, 2)
+            keep = chosen.view(e, 1, n, *([1] * (views.dim() - 3)))
+            return from_image_views(episode, torch.where(keep, new, views))
         m = min(n, round(self.p * n))
         pick = draw.perm(e, n)[:, :m]  # [E, m] distinct images per episode
         params = self.sample(e * m, draw)
@@ -322,13 +323,20 @@ def cosine_weight(weight: float, decay: str, step: int, total: int) -> float:
     raise EpisodicError(f"decay={decay!r} is not allowed; use none or cosine")
 
 
+@functools.lru_cache(maxsize=16)
+def rotation_permutations(side: int, device: torch.device) -> Tensor:
+    """``[4, side * side]``: row ``r`` lists, for each pixel of ``rot90(x, r)``, the pixel of ``x`` it comes from."""
+    pixels = torch.arange(side * side, device=device).view(side, side)
+    return torch.stack([torch.rot90(pixels, r, dims=(0, 1)).flatten() for r in range(4)])
+
+
 def rotate_groups(x: Tensor, k: Tensor) -> Tensor:
-    """Rotate ``x[i]`` (``[n, ..., H, W]``) by ``k[i] * 90`` degrees counter-clockwise
-    (``torch.rot90`` on the last two dims), one batched call per distinct ``k``."""
+    """Rotate ``x[i]`` (``[n, ..., H, W]``) by ``k[i] * 90`` degrees counter-clockwise (``torch.rot90``
+    on the last two dims, ``k`` in 0..3). A rotation by a multiple of 90 degrees permutes the pixels,
+    so all of them are one gather with each image's permutation: no per-``k`` index, no host read."""
     check(x.shape[-1] == x.shape[-2], f"rotations by 90 degrees need square images, got {tuple(x.shape[-2:])}")
-    out = x.clone()
-    for kk in (1, 2, 3):
-        idx = (k == kk).nonzero().squeeze(1)
-        if idx.numel():
-            out[idx] = torch.rot90(x[idx], kk, dims=(-2, -1))
-    return out
+    side = x.shape[-1]
+    perms = rotation_permutations(side, x.device)
+    flat = x.flatten(-2)
+    index = perms[k].view(len(k), *([1] * (flat.dim() - 2)), side * side).expand_as(flat)
+    return flat.gather(-1, index).view_as(x)

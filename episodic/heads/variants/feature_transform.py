@@ -89,17 +89,20 @@ class FeatureTransform(Variant):
         self.lambda_pos, self.lambda_neg = lambda_pos, lambda_neg
         self.detach_partner = detach_partner
 
-    def sample_pos(self) -> float:
+    def sample_pos(self, like: Tensor) -> float | Tensor:
+        """lambda+ in [1, 2]: fixed, or ``1 + Beta(alpha_pos, alpha_pos)`` drawn on ``like``'s device (a
+        0-d tensor, never read by the host)."""
         if self.lambda_pos is not None:
             return float(self.lambda_pos)
-        a = torch.tensor(self.alpha_pos, dtype=torch.float64)
-        return 1.0 + float(Beta(a, a).sample())
+        a = torch.tensor(self.alpha_pos, dtype=torch.float64, device=like.device)
+        return 1.0 + Beta(a, a, validate_args=False).sample()
 
-    def sample_neg(self) -> float:
+    def sample_neg(self, like: Tensor) -> float | Tensor:
+        """lambda- in [0, 1]: fixed, or ``Beta(alpha_neg, alpha_neg)`` on ``like``'s device."""
         if self.lambda_neg is not None:
             return float(self.lambda_neg)
-        a = torch.tensor(self.alpha_neg, dtype=torch.float64)
-        return float(Beta(a, a).sample())
+        a = torch.tensor(self.alpha_neg, dtype=torch.float64, device=like.device)
+        return Beta(a, a, validate_args=False).sample()
 
     def transform_geometry(self, geo: Geometry, pairs: Pairs) -> Geometry:
         if not (self.positive or self.negative):
@@ -111,7 +114,7 @@ class FeatureTransform(Variant):
         na, nc = geo.na.expand_as(dot), geo.nc.expand_as(dot)
         dhat, na_hat, new_dot, new_nc = dot, na, dot, nc
         if self.positive:
-            lam = self.sample_pos()
+            lam = self.sample_pos(dot)
             w = t * pos
             p = prototypes(c, w.transpose(1, 2), torch.finfo(w.dtype).tiny)  # [E, A, d]: each anchor's partner
             p = p.detach() if self.detach_partner else p
@@ -122,7 +125,7 @@ class FeatureTransform(Variant):
             new_dot = torch.where(pos, lam * dhat + (1 - lam) * a_ahat, dhat)
             new_nc = torch.where(pos, lam**2 * nc + 2 * lam * (1 - lam) * dot + (1 - lam) ** 2 * na, nc)
         if self.negative:
-            mu = self.sample_neg()
+            mu = self.sample_neg(dot)
             n_cols = c.shape[1]
             perm = torch.randperm(n_cols).to(c.device)
             cols = torch.arange(n_cols, device=c.device)
@@ -137,7 +140,7 @@ class FeatureTransform(Variant):
     def transform_queries(self, query: Tensor, support: Tensor, support_targets: Tensor, query_soft: Tensor) -> Tensor:
         if not self.positive:
             return query
-        lam = self.sample_pos()
+        lam = self.sample_pos(query)
         p = query_soft @ prototypes(support, support_targets, 1e-12)
         return lam * query + (1 - lam) * (p.detach() if self.detach_partner else p)
 

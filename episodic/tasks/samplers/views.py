@@ -25,6 +25,23 @@ from episodic.tasks.samplers.base import SAMPLERS, Sampler
 class ViewSampler(Sampler):
     """Split ``V = n_supp + n_query`` views of ``B`` images into ``B / n_way`` episodes."""
 
+    def __init__(self, n_supp: int = 1, n_query: int = 1, n_way: int | None = None) -> None:
+        super().__init__(n_supp, n_query, n_way)
+        self._labels: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def labels(self, e: int, n_way: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Support and query labels ``[E, n_supp * n_way]``, ``[E, n_query * n_way]``: they depend only on the
+        shape, so the same (read-only) tensors are returned every step and the heads' label-derived
+        targets and masks are computed once (:func:`episodic.heads.base.label_constant`)."""
+        key = (e, n_way, device)
+        if key not in self._labels:
+            classes = torch.arange(n_way, device=device)
+            self._labels[key] = (
+                classes.repeat(self.n_supp).expand(e, -1),
+                classes.repeat(self.n_query).expand(e, -1),
+            )
+        return self._labels[key]
+
     def forward(self, views: Tensor, method: nn.Module | None = None) -> Episode:
         """Build episodes from ``views`` of shape ``[V, B, ...]`` (view-major)."""
         v, b = views.shape[:2]
@@ -36,12 +53,12 @@ class ViewSampler(Sampler):
         x = views.reshape(v, e, n_way, *rest).transpose(0, 1)
         support = x[:, : self.n_supp].reshape(e, self.n_supp * n_way, *rest)
         query = x[:, self.n_supp :].reshape(e, self.n_query * n_way, *rest)
-        labels = torch.arange(n_way, device=views.device)
+        support_labels, query_labels = self.labels(e, n_way, views.device)
         return Episode(
             support=support,
             query=query,
-            support_labels=labels.repeat(self.n_supp).expand(e, -1),
-            query_labels=labels.repeat(self.n_query).expand(e, -1),
+            support_labels=support_labels,
+            query_labels=query_labels,
             n_way=n_way,
             n_supp=self.n_supp,
             n_query=self.n_query,
