@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py                          # conv4, resnet_tiny; 3x32x32, batch 256, 2 views
     python benchmarks/step_overhead.py --size 28 --channels 1   # Omniglot-sized inputs
     python benchmarks/step_overhead.py --heads contrastive r2d2 --rounds 50
+    python benchmarks/step_overhead.py --profile --json docs/overhead/cpu_3x32.json   # + ops, syncs, memory
 
 *Head step*: :meth:`episodic.engine.Trainer.train_step` on views that are already augmented
 (``[2, B, C, S, S]``, the same tensors every step): the model's forward (sampler -> episode -> encoder (backbone +
@@ -12,6 +13,13 @@ dot-product loss ``-mean(z1 . z2)`` between the two views' projections, and the 
 no head, no episode. Both run interleaved (bare, then every head, per round), so a load change on a
 shared machine hits them alike; the figure is the ratio of the medians over ``--rounds`` rounds (the
 median of the per-round ratios is printed too). Target: <= 1.05 for contrastive, ProtoNet and R2D2.
+
+``--profile``: one more step of each (after the timed rounds) under :func:`episodic.profiling.profile_step`:
+launch-level ATen operators per step (``ops``; ``dispatched`` counts views and allocations too), host
+synchronisations per step (``syncs``: ``.item()``-like reads, ``nonzero``, ``equal``, ``tolist``...), the
+trainer's operators over the bare step's (``ops_ratio``), the peak memory (CUDA: ``max_memory_allocated``;
+CPU: the process's peak resident set, a high-water mark shared by every row) and, for the SVM head, the
+solver's iterations in that step.
 
 The Trainer is built on the digits data with ``--channels`` channels: the data itself is never used,
 every step gets the fixed views.
@@ -30,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from episodic.profiling import profile_step
 
 
 def make_trainer(
@@ -111,6 +121,10 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
         for _ in range(args.rounds):
             for k, fn in steps.items():
                 times[k].append(timed(fn, CLOCKS[args.clock], sync))
+        profiles = {k: profile_step(fn, args.device) for k, fn in steps.items()} if args.profile else {}
+        solver_iters = {
+            h: t.model.head.solver.last_iters for h, t in trainers.items() if hasattr(t.model.head, "solver")
+        }
     bare_med = statistics.median(times["bare"])
     rows = []
     for h in heads:
@@ -131,6 +145,19 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
                 "median_round_ratio": statistics.median(per_round),
             }
         )
+        if profiles:
+            p, b = profiles[h], profiles["bare"]
+            rows[-1].update(
+                ops=p.n_ops,
+                bare_ops=b.n_ops,
+                ops_ratio=p.n_ops / b.n_ops,
+                dispatched=p.dispatched,
+                bare_dispatched=b.dispatched,
+                syncs=p.n_syncs,
+                sync_ops=dict(p.syncs),
+                peak_memory_mb=p.peak_memory / 2**20,
+                solver_iters=solver_iters.get(h),
+            )
     return rows
 
 
@@ -152,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (GPU steps are timed to completion)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--profile", action="store_true", help="also count ops, host syncs and peak memory per step")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("extra", nargs="*", help="Hydra overrides for every trainer (after --)")
     args = ap.parse_args(argv)
@@ -175,6 +203,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{r['backbone']:<12} {r['head']:<12} {r['bare_ms']:>9.1f} {r['step_ms']:>9.1f} {r['ratio']:>7.3f} "
             f"{r['median_round_ratio']:>9.3f}{flag}"
         )
+    if args.profile:
+        print(
+            f"\n{'backbone':<12} {'head':<12} {'ops':>6} {'bare':>6} {'ratio':>6} {'syncs':>6} {'peak MB':>8}  solver"
+        )
+        for r in rows:
+            iters = "" if r["solver_iters"] is None else f"{r['solver_iters']} iterations"
+            print(
+                f"{r['backbone']:<12} {r['head']:<12} {r['ops']:>6} {r['bare_ops']:>6} {r['ops_ratio']:>6.2f} "
+                f"{r['syncs']:>6} {r['peak_memory_mb']:>8.0f}  {iters}"
+            )
     if missing:
         print(f"not measured (no such head): {', '.join(missing)}")
     if args.json:

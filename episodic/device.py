@@ -25,6 +25,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory in the process (``M_MMAP_MAX = 0``: no ``mmap`` per large
+    block; ``M_TRIM_THRESHOLD`` at its maximum: no return to the system). By default every buffer above
+    a threshold is mapped fresh and unmapped when freed, so each step page-faults (and zeroes) every
+    activation and gradient again: on the CPU that is a large share of a step. The process's resident
+    memory then stays at its peak, as a GPU's caching allocator does. ``False`` where the C library is
+    not glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def resolve_precision(value: Any, device: torch.device) -> torch.dtype | None:
     """``precision`` -> the autocast dtype (``None``: float32). Mixed precision needs CUDA; on CPU the
     run trains in float32 and says so."""

@@ -43,7 +43,7 @@ from episodic.config import as_dict, switch
 from episodic.data.augment import AugmentConfig, BatchAugment, multi_view
 from episodic.data.datasets import ArrayDataset, Splits, build_dataset, dataset_source
 from episodic.data.loader import BatchLoader, epoch_order
-from episodic.device import autocast, resolve_device, resolve_precision, use_channels_last
+from episodic.device import autocast, keep_freed_memory, resolve_device, resolve_precision, use_channels_last
 from episodic.errors import EpisodicError, check
 from episodic.files import writable_dir
 from episodic.guard import Guard
@@ -158,6 +158,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = distributed.init_from_env(resolve_device(cfg.device))  # torchrun/SLURM env, or 1 process
         self.device = self.dist.device
+        if self.device.type == "cpu":  # on a GPU the caching allocator does this for the large buffers
+            keep_freed_memory()
         self.scope = plan_scope(
             str(cfg.task.scope),
             cfg.n_way,
@@ -183,6 +185,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(cfg.train.find_unused_parameters),
             )
+        if cfg.train.compile:  # the model's forward (sampler to loss) as compiled graphs; the backward too
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]  # an nn.Module wrapper
         self.augment = BatchAugment(AugmentConfig(**as_dict(cfg.data.augment))).to(self.device)
         self.optimizer = build_optimizer(self.model, **as_dict(cfg.optim.optimizer))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -204,6 +208,8 @@ class Trainer:
             lambda: f"head={cfg.head.name}",
         )
         self.last_checkpoint: Path | None = None
+        self.monitors: list[Monitor] = []  # given to fit(); their state is checkpointed
+        self.monitor_states: dict[str, dict[str, Any]] = {}  # a resumed checkpoint's, by monitor name
         if self.dist.is_main:  # a file named checkpoints, no permission, a read-only disk: now, not at step 100
             writable_dir(self.run_dir / "checkpoints", "checkpoints folder")
         self._signal: str | None = None  # set by the SIGTERM/SIGINT handler of this process
@@ -318,6 +324,8 @@ class Trainer:
             "skipped": self.guard.skipped,
             "world_size": self.dist.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            # the monitors' own state (the online probe's weights); the ones not given to fit() are kept
+            "monitors": {**self.monitor_states, **{m.name: m.state_dict() for m in self.monitors}},
         }
 
     def data_order(self) -> dict[str, int]:
@@ -355,6 +363,7 @@ class Trainer:
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         self.guard.skipped = int(state.get("skipped", 0))
+        self.monitor_states = dict(state.get("monitors", {}))
 
     def save(self, name: str | None = None) -> Path:
         """Write a checkpoint atomically (rank 0 writes; every rank must call this) and keep only the
@@ -475,6 +484,9 @@ class Trainer:
                 signal.signal(sig, self._on_signal)
         except ValueError:  # not the main thread: no handlers, the loop still checks the flag
             previous = {}
+        self.monitors = list(monitors)
+        for m in self.monitors:
+            m.load_state_dict(self.monitor_states.get(m.name, {}))
         try:
             self._fit(monitors)
         finally:

@@ -29,6 +29,14 @@ class Progress:
 
 
 class Monitor(Protocol):
-    """Anything with ``after_step(progress)``; the time it takes is not counted as training time."""
+    """Anything with ``after_step(progress)``; the time it takes is not counted as training time. Its
+    ``state_dict()`` goes into the training checkpoint under its ``name`` and comes back through
+    ``load_state_dict`` when a run resumes (``{}`` for a monitor without state)."""
+
+    name: str
 
     def after_step(self, progress: Progress) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -13,8 +13,12 @@ launch). It counts:
   functions are wrapped while the step runs).
 
 On the CPU nothing waits, but every counted sync is one on a GPU: a step that counts zero here does not
-stall a GPU on a host read. ``peak_memory``: ``torch.cuda.max_memory_allocated`` on CUDA, else the
-process's peak resident set (``ru_maxrss``; a high-water mark over the whole process's life).
+stall a GPU on a host read. Code that plans on host tensors by design (random parameters drawn from a CPU
+generator, index lists built from them) runs inside :func:`host_side`: its reads of CPU tensors are not
+counted (a read of a tensor on another device still is, so a GPU profile checks the claim).
+Host-to-device copies are not counted: the step's copies are ``non_blocking``, which never waits for the
+device's queue (the host stages pageable memory itself). ``peak_memory``: ``torch.cuda.max_memory_allocated``
+on CUDA, else the process's peak resident set (``ru_maxrss``; a high-water mark over the whole process's life).
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ FREE_OPS = frozenset(
 )
 
 
+_PLANNING = [0]  # > 0 inside host_side()
+
+
+@contextmanager
+def host_side() -> Iterator[None]:
+    """Mark host-side planning on CPU tensors (see the module docstring); free when nothing profiles."""
+    _PLANNING[0] += 1
+    try:
+        yield
+    finally:
+        _PLANNING[0] -= 1
+
+
+def _on_host(args: Any) -> bool:
+    """Inside :func:`host_side` and every tensor argument on the CPU."""
+    if not _PLANNING[0]:
+        return False
+    flat = args if isinstance(args, (tuple, list)) else (args,)
+    return all(t.device.type == "cpu" for t in flat if isinstance(t, torch.Tensor))
+
+
 @dataclasses.dataclass
 class StepProfile:
     """Counts of one call: ``ops`` (launching operators), ``syncs`` (host reads), by name."""
@@ -81,7 +106,7 @@ class _Count(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
         self.dispatched += 1
-        if name in SYNC_OPS:
+        if name in SYNC_OPS and not _on_host(args):
             self.syncs[name] += 1
         if not (func.is_view or name in FREE_OPS):
             self.ops[name] += 1
@@ -95,7 +120,8 @@ def _host_reads(counter: Counter[str]) -> Iterator[None]:
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def counted(self: torch.Tensor, *a: Any, **k: Any) -> Any:
-            counter[name] += 1
+            if not _on_host(self):
+                counter[name] += 1
             return fn(self, *a, **k)
 
         return counted

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from episodic.errors import EpisodicError, check
+from episodic.profiling import host_side
 
 __all__ = ["AugmentConfig", "BatchAugment", "affine", "blur_kernel_size", "multi_view", "pil_transform"]
 
@@ -296,7 +297,7 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
     is_b = (1.0 - is_r).sub_(is_g)
     h6 = (g - b).mul_(is_r).addcmul_(b - r, is_g).addcmul_(r - g, is_b).div_(chroma.clamp_min(1e-12))
     h6.add_(is_g, alpha=2.0).add_(is_b, alpha=4.0).add_(6.0 * f.view(-1, 1, 1).to(x.dtype))
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = h6.unsqueeze(1) + n
     k.sub_(torch.mul(k, 1.0 / 6.0).floor_(), alpha=6.0)
     k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
@@ -306,13 +307,22 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
 _JITTER_FNS = (_brightness, _contrast, _saturation, _hue)
 
 
+def _jitter(op: int, factors: Tensor, x: Tensor) -> Tensor:
+    return _JITTER_FNS[op](x, factors)
+
+
+def _channel_stats(values: Any) -> Tensor:
+    """Per-channel normalisation values as ``[1, C, 1, 1]`` float32."""
+    return torch.tensor(list(values), dtype=torch.float32).view(1, -1, 1, 1)
+
+
 def _gaussian_blur(x: Tensor, sigma: Tensor, ksize: int) -> Tensor:
     """Separable Gaussian blur with a per-sample sigma, reflect padding (torchvision semantics)."""
     n, c, h, w = x.shape
     r = ksize // 2
     t = torch.linspace(-r, r, ksize, device=x.device, dtype=x.dtype).view(1, -1)
     k = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
-    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n*c, K]
+    k = (k / k.sum(dim=1, keepdim=True)).unsqueeze(1).expand(n, c, ksize).reshape(n * c, ksize)
     if r >= h or r >= w:  # reflect padding needs r < size
         return x
     y = F.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
@@ -334,10 +344,16 @@ class BatchAugment(nn.Module):
     moved to ``x.device``. Float input already in [0, 1] is accepted too.
     """
 
+    mean: Tensor  # buffers [1, C, 1, 1], when cfg.mean is set
+    std: Tensor
+
     def __init__(self, cfg: AugmentConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg if cfg is not None else AugmentConfig()
         self.ksize = blur_kernel_size(self.cfg)
+        if self.cfg.mean is not None:  # buffers: they move with the module, no copy per batch
+            self.register_buffer("mean", _channel_stats(self.cfg.mean), persistent=False)
+            self.register_buffer("std", _channel_stats(self.cfg.std), persistent=False)
 
     def extra_repr(self) -> str:
         return repr(self.cfg)
@@ -439,63 +455,103 @@ class BatchAugment(nn.Module):
         B, C, H, W = x.shape
         check(C in (1, 3), f"BatchAugment expects 1 or 3 channels, got {C}")
         cfg, S, dev = self.cfg, self.cfg.size, x.device
-        p = self.sample_params(B, H, W, generator)
+        with host_side():
+            plan, jitter = self.plan(self.sample_params(B, H, W, generator), C)
         if B == 0:
             return torch.empty(0, C, S, S, device=dev)
+        d = _to_device(plan, dev)  # one asynchronous copy per dtype: the device never waits for the host
 
         img = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
         # Crop + flip + resize: out = Wy @ img @ Wx^T, flip = reversed output columns of Wx.
-        crop = torch.stack([p["top"], p["left"], p["height"], p["width"], p["flip"].long()], 1).to(dev)
+        crop = d["crop"]
         no_flip = torch.zeros_like(crop[:, 4])
         wy = _crop_weights(crop[:, 0], crop[:, 2], no_flip, H, S, cfg.interpolation)
         wx = _crop_weights(crop[:, 1], crop[:, 3], crop[:, 4], W, S, cfg.interpolation)
         out = torch.einsum("bth,bchs->bcts", wy, torch.einsum("bchw,bsw->bchs", img, wx))
         out = out.clamp_(0.0, 1.0).contiguous()
 
-        if "affine" in p and bool(p["affine"].any()):
-            idx = p["affine"].nonzero().squeeze(1)
-            at = idx.to(dev)
-            out.index_copy_(0, at, affine(out.index_select(0, at), p["angle"][idx], p["shear"][idx], p["shift"][idx]))
+        def apply(key: str, fn: Callable[[Tensor], Tensor]) -> None:
+            if key in d:
+                out.index_copy_(0, d[key], fn(out.index_select(0, d[key])))
 
+        apply("affine", lambda sub: warp(sub, d["theta"]))
         # Colour jitter: at step k, op j runs on the samples whose permutation has j at position k.
-        active = [
-            j
-            for j, name in enumerate(_JITTER_OPS)
-            if getattr(cfg, name) > 0 and not (C == 1 and name in ("saturation", "hue"))
-        ]
-        if active and bool(p["jitter"].any()):
-            fac = torch.stack([p[name] for name in _JITTER_OPS], 1).to(dev)
-            for k in range(4):
-                for j in active:
-                    idx = (p["jitter"] & (p["order"][:, k] == j)).nonzero().squeeze(1)
-                    if idx.numel():
-                        idx = idx.to(dev)
-                        sub = _JITTER_FNS[j](out.index_select(0, idx), fac[:, j].index_select(0, idx))
-                        out.index_copy_(0, idx, sub)
-
-        if C == 3 and bool(p["gray"].any()):
-            idx = p["gray"].nonzero().squeeze(1).to(dev)
-            out.index_copy_(0, idx, _gray(out.index_select(0, idx)).expand(-1, 3, -1, -1))
-
-        if self.ksize > 1 and bool(p["blur"].any()):
-            idx = p["blur"].nonzero().squeeze(1)
-            sig = p["sigma"][idx].to(dev)
-            idx = idx.to(dev)
-            out.index_copy_(0, idx, _gaussian_blur(out.index_select(0, idx), sig, self.ksize))
-
-        if bool(p["solarize"].any()):
-            idx = p["solarize"].nonzero().squeeze(1).to(dev)
-            sub = out.index_select(0, idx)
-            above = (sub >= cfg.solarize_threshold).to(sub.dtype)
-            out.index_copy_(0, idx, sub.addcmul_(above, 1.0 - 2.0 * sub))
-
+        for key, j in jitter:
+            apply(key, functools.partial(_jitter, j, d[f"{key}_f"]))
+        if C == 3:
+            apply("gray", lambda sub: _gray(sub).expand(-1, 3, -1, -1))
+        apply("blur", lambda sub: _gaussian_blur(sub, d["sigma"], self.ksize))
+        apply("solarize", lambda sub: sub.addcmul_((sub >= cfg.solarize_threshold).to(sub.dtype), 1.0 - 2.0 * sub))
         if cfg.mean is not None:
             check(len(cfg.mean) in (1, C), f"augment.mean has {len(cfg.mean)} entries for {C}-channel images")
-            mean = torch.tensor(cfg.mean, device=dev).view(1, -1, 1, 1)
-            std = torch.tensor(cfg.std, device=dev).view(1, -1, 1, 1)
-            out = (out - mean) / std
+            out = (out - self.mean) / self.std
         return out
+
+    def plan(self, p: dict[str, Tensor], channels: int) -> tuple[dict[str, Tensor], list[tuple[str, int]]]:
+        """On the host, from the drawn parameters: the crop table and, per op, the indices of the samples
+        it changes (and their factors), so that the device only gathers and scatters. Also the jitter
+        steps in order, as (key of the indices, op number)."""
+        cfg = self.cfg
+        plan = {"crop": torch.stack([p["top"], p["left"], p["height"], p["width"], p["flip"].long()], 1)}
+
+        def where(key: str, mask: Tensor) -> Tensor | None:
+            idx = mask.nonzero().squeeze(1)
+            if idx.numel():
+                plan[key] = idx
+                return idx
+            return None
+
+        if "affine" in p and (idx := where("affine", p["affine"])) is not None:
+            plan["theta"] = affine_theta(p["angle"][idx], p["shear"][idx], p["shift"][idx]).float()
+        jitter = []
+        for k in range(4):
+            for j, name in enumerate(_JITTER_OPS):
+                if getattr(cfg, name) <= 0 or (channels == 1 and name in ("saturation", "hue")):
+                    continue
+                key = f"jitter{k}{j}"
+                if (idx := where(key, p["jitter"] & (p["order"][:, k] == j))) is not None:
+                    plan[f"{key}_f"] = p[name][idx]
+                    jitter.append((key, j))
+        if channels == 3:
+            where("gray", p["gray"])
+        if self.ksize > 1 and (idx := where("blur", p["blur"])) is not None:
+            plan["sigma"] = p["sigma"][idx]
+        where("solarize", p["solarize"])
+        return plan, jitter
+
+
+def _to_device(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The CPU ``tensors`` on ``device``: packed into one buffer per dtype, copied without blocking (pinned
+    memory on CUDA), unpacked as views."""
+    if device.type == "cpu":
+        return tensors
+    out = {}
+    for dtype in {t.dtype for t in tensors.values()}:
+        keys = [k for k, t in tensors.items() if t.dtype == dtype]
+        flat = torch.cat([tensors[k].flatten() for k in keys])
+        flat = flat.pin_memory() if device.type == "cuda" else flat
+        flat = flat.to(device, non_blocking=True)
+        parts = flat.split([tensors[k].numel() for k in keys])
+        out.update({k: part.view(tensors[k].shape) for k, part in zip(keys, parts)})
+    return out
+
+
+def affine_theta(angle: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
+    """``affine_grid``'s ``[B, 2, 3]`` matrices (float64) for :func:`affine`'s transform."""
+    a = torch.deg2rad(angle.double())
+    sh = torch.deg2rad(shear.double())
+    cos, sin, tan = torch.cos(a), torch.sin(a), torch.tan(sh)
+    # M = R @ Sh with R = [[cos, sin], [-sin, cos]] (counter-clockwise on screen, y down) and Sh = [[1, tan], [0, 1]]
+    m = torch.stack([torch.stack([cos, cos * tan + sin], -1), torch.stack([-sin, -sin * tan + cos], -1)], -2)
+    inv = torch.linalg.inv(m)  # [B, 2, 2]
+    t = 2.0 * shift.double()  # fractions of the side -> normalised [-1, 1] coordinates
+    return torch.cat([inv, -(inv @ t.unsqueeze(-1))], -1)
+
+
+def warp(img: Tensor, theta: Tensor) -> Tensor:
+    """Resample ``img [B, C, S, S]`` at ``affine_grid(theta)``: zero fill, bilinear."""
+    grid = F.affine_grid(theta.to(img.device, img.dtype), list(img.shape), align_corners=False)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def affine(img: Tensor, angle: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
@@ -507,16 +563,7 @@ def affine(img: Tensor, angle: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
     as one ``affine_grid`` + ``grid_sample`` for the batch. Pixel centres map to pixel centres
     (``align_corners=False``), so a 90-degree turn or a whole-pixel shift is exact.
     """
-    a = torch.deg2rad(angle.double())
-    sh = torch.deg2rad(shear.double())
-    cos, sin, tan = torch.cos(a), torch.sin(a), torch.tan(sh)
-    # M = R @ Sh with R = [[cos, sin], [-sin, cos]] (counter-clockwise on screen, y down) and Sh = [[1, tan], [0, 1]]
-    m = torch.stack([torch.stack([cos, cos * tan + sin], -1), torch.stack([-sin, -sin * tan + cos], -1)], -2)
-    inv = torch.linalg.inv(m)  # [B, 2, 2]
-    t = 2.0 * shift.double()  # fractions of the side -> normalised [-1, 1] coordinates
-    theta = torch.cat([inv, -(inv @ t.unsqueeze(-1))], -1).to(img.device, img.dtype)
-    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warp(img, affine_theta(angle, shear, shift))
 
 
 def multi_view(aug: BatchAugment, x: Tensor, n_views: int, generator: torch.Generator | None = None) -> Tensor:

@@ -130,6 +130,14 @@ class KNNMonitor:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
             self.last = keep[-1]["knn_acc"] if keep else None
 
+    name = "knn"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # what it logged is in knn.jsonl
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def due(self, step: int, total: int) -> bool:
         return self.enabled and (step % self.interval == 0 or step == total)
 

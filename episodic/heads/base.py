@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from episodic.errors import check
+from episodic.profiling import host_side
 from episodic.registry import Registry
 from episodic.tasks.episode import Episode
 
@@ -394,8 +395,11 @@ class KernelHead(Head):
             return None
         if self.has_variant_kernel():
             u = self.max_energy()
-            low = None if u is None else self._variant_kernel(torch.tensor(u, dtype=torch.float64))
-            return None if low is None else float(low)
+            if u is None:
+                return None
+            with host_side():  # a number through the variant's kernel on the CPU, no device tensor read
+                low = self._variant_kernel(torch.tensor(u, dtype=torch.float64))
+                return None if low is None else float(low)
         return self.base_min_logit()
 
     def pair_loss(self, pairs: Pairs) -> tuple[Tensor, dict[str, Tensor], Tensor, bool]:

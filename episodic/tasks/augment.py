@@ -85,32 +85,38 @@ class AuxBatch:
 
 
 class Draw:
-    """Random numbers from one ``torch.Generator`` (on its own device), returned on ``device``."""
+    """Random numbers from one ``torch.Generator`` (on its own device), returned on ``device``.
+
+    A CPU generator's draws reach an accelerator by an asynchronous copy (``non_blocking``): the host
+    stages them and goes on queueing work, it never waits for the device's queue to drain."""
 
     def __init__(self, generator: torch.Generator | None, device: torch.device | str) -> None:
         self.generator = generator
         self.gen_device = generator.device if generator is not None else torch.device("cpu")
         self.device = torch.device(device)
 
+    def out(self, t: Tensor) -> Tensor:
+        return t.to(self.device, non_blocking=True)
+
     def rand(self, *shape: int) -> Tensor:
         """Uniform [0, 1) float32."""
-        return torch.rand(*shape, generator=self.generator, device=self.gen_device).to(self.device)
+        return self.out(torch.rand(*shape, generator=self.generator, device=self.gen_device))
 
     def randint(self, low: int, high: int, *shape: int) -> Tensor:
         """Uniform integers in ``[low, high)``."""
-        return torch.randint(low, high, shape, generator=self.generator, device=self.gen_device).to(self.device)
+        return self.out(torch.randint(low, high, shape, generator=self.generator, device=self.gen_device))
 
     def perm(self, rows: int, n: int) -> Tensor:
         """``rows`` independent random permutations of ``range(n)``: ``[rows, n]`` int64."""
         u = torch.rand(rows, n, generator=self.generator, device=self.gen_device)
-        return u.argsort(dim=1).to(self.device)
+        return self.out(u.argsort(dim=1))
 
     def beta(self, alpha: float, n: int) -> Tensor:
         """``n`` draws of Beta(alpha, alpha) as float32: ``X / (X + Y)`` for independent Gamma(alpha)
         draws from this generator (on its device: no host read)."""
         shape = torch.full((2, n), float(alpha), dtype=torch.float64, device=self.gen_device)
         x, y = torch._standard_gamma(shape, generator=self.generator)
-        return (x / (x + y).clamp_min(torch.finfo(x.dtype).tiny)).float().to(self.device)
+        return self.out((x / (x + y).clamp_min(torch.finfo(x.dtype).tiny)).float())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +242,7 @@ def _per_channel(values: Sequence[float] | None, fill: float, channels: int, lik
     if len(vals) == 1:
         vals = vals * channels
     check(len(vals) == channels, f"normalisation has {len(vals)} entries for {channels}-channel images")
-    return torch.tensor(vals, dtype=like.dtype, device=like.device).view(channels, 1, 1)
+    return torch.tensor(vals, dtype=like.dtype).to(like.device, non_blocking=True).view(channels, 1, 1)
 
 
 def pixel_affine(ctx: TaskContext, channels: int, like: Tensor) -> tuple[Tensor, Tensor]:

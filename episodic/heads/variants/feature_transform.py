@@ -94,14 +94,14 @@ class FeatureTransform(Variant):
         0-d tensor, never read by the host)."""
         if self.lambda_pos is not None:
             return float(self.lambda_pos)
-        a = torch.tensor(self.alpha_pos, dtype=torch.float64, device=like.device)
+        a = torch.full((), self.alpha_pos, dtype=torch.float64, device=like.device)  # a fill, not a copy
         return 1.0 + Beta(a, a, validate_args=False).sample()
 
     def sample_neg(self, like: Tensor) -> float | Tensor:
         """lambda- in [0, 1]: fixed, or ``Beta(alpha_neg, alpha_neg)`` on ``like``'s device."""
         if self.lambda_neg is not None:
             return float(self.lambda_neg)
-        a = torch.tensor(self.alpha_neg, dtype=torch.float64, device=like.device)
+        a = torch.full((), self.alpha_neg, dtype=torch.float64, device=like.device)
         return Beta(a, a, validate_args=False).sample()
 
     def transform_geometry(self, geo: Geometry, pairs: Pairs) -> Geometry:
