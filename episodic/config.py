@@ -215,7 +215,8 @@ class QuickEval:
     knn_unit: str = "epochs"  # epochs | steps
     knn_k: int = 200
     knn_t: float = 0.1
-    online_probe: bool = False  # a linear probe trained alongside on detached features (labelled data)
+    online_probe: bool = True  # a linear probe trained alongside on detached features (labelled data only)
+    online_probe_lr: float = 0.1  # its SGD learning rate (docs/evaluation.md: not the offline linear probe)
     plots: bool = True  # accuracy curve, score histograms, embedding map (PNG and TensorBoard)
     plot_points: int = 1000  # images in the embedding map
 
@@ -226,6 +227,7 @@ class QuickEval:
         )
         check(self.knn_k >= 1, f"eval.knn_k={self.knn_k} is not allowed; use an integer >= 1")
         check(self.knn_t > 0, f"eval.knn_t={self.knn_t} is not allowed; use a value > 0")
+        check(self.online_probe_lr > 0, f"eval.online_probe_lr={self.online_probe_lr} is not allowed; use a value > 0")
         check(self.plot_points >= 2, f"eval.plot_points={self.plot_points} is not allowed; use an integer >= 2")
 
 
@@ -252,6 +254,9 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format for the backbone
     sync_bn: str = "auto"  # auto: SyncBatchNorm when several CUDA processes train | true | false
     resume: str | None = None  # null | auto | a checkpoint .pt or a run directory
+    # at most this many entries in any memory (MoCo's queue_size, soft neighbours' bank_size); null: as set.
+    # A short run fills a smaller memory: +scale=cpu_smoke caps it (docs/recipes.md)
+    memory_cap: int | None = None
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
 
@@ -267,6 +272,10 @@ class TrainConfig:
             f"batch_size={self.batch_size} is not allowed; an episode needs at least 2 images (classes)",
         )
         check(self.seed >= 0, f"seed={self.seed} is not allowed; use an integer >= 0")
+        check(
+            self.memory_cap is None or self.memory_cap >= 1,
+            f"memory_cap={self.memory_cap} is not allowed; use null or an integer >= 1",
+        )
         check(
             DEVICE.fullmatch(self.device) is not None,
             f"device={self.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps",

@@ -20,6 +20,7 @@ same weights, which is how evaluation rebuilds a run's random-init twin.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -99,6 +100,16 @@ class EpisodicModel(nn.Module):
         return StepOutput(loss, out.logits, scored[0].query_labels, out.extras)
 
 
+MEMORY_KEYS = ("queue_size", "bank_size")  # the parameters that size a pairing's or a variant's memory
+
+
+def capped(params: dict[str, Any], cap: int | None) -> dict[str, Any]:
+    """``params`` with every memory size (:data:`MEMORY_KEYS`) at most ``cap`` (``memory_cap``)."""
+    if cap is None:
+        return params
+    return {k: min(v, int(cap)) if k in MEMORY_KEYS and isinstance(v, int) else v for k, v in params.items()}
+
+
 def build_model(cfg: DictConfig, scope: ScopePlan | None = None) -> EpisodicModel:
     """Sampler, encoder, pairing, head, variants and task augmentations from the config, initialised
     from ``cfg.seed``; ``scope`` is the process layout (default: one process on the whole batch)."""
@@ -126,9 +137,11 @@ def build_model(cfg: DictConfig, scope: ScopePlan | None = None) -> EpisodicMode
         as_dict(cfg.backbone.get("params")),
         as_dict(cfg.backbone.get("projector")),
     )
-    method = METHODS.build(cfg.method.name, encoder=encoder, **as_dict(cfg.method.get("params")))
+    cap = cfg.get("memory_cap")
+    method = METHODS.build(cfg.method.name, encoder=encoder, **capped(as_dict(cfg.method.get("params")), cap))
     head = HEADS.build(cfg.head.name, **as_dict(cfg.head.get("params")))
-    attach_variants(head, as_dict(cfg.get("variant")), method, encoder.projector.out_dim)
+    variants = {name: capped(dict(p or {}), cap) for name, p in as_dict(cfg.get("variant")).items()}
+    attach_variants(head, variants, method, encoder.projector.out_dim)
     aug = as_dict(cfg.data.get("augment"))
     ctx = TaskContext(embed_dim=encoder.projector.out_dim, mean=aug.get("mean"), std=aug.get("std"))
     return EpisodicModel(sampler, method, head, build_task_pipeline(as_dict(cfg.get("task")), ctx), scope)

@@ -39,6 +39,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from episodic.device import resolve_device
     from episodic.engine import Trainer, check_config
     from episodic.eval.knn import KNNMonitor
+    from episodic.eval.online import OnlineProbe
     from episodic.eval.quick import check_quick_eval, format_table, quick_eval
     from episodic.model import build_model
 
@@ -62,7 +63,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             aug.mean,
             aug.std,
         )
-        trainer.fit([knn])
+        monitors: list[Any] = [knn]
+        if ev.online_probe:
+            probe = OnlineProbe(
+                trainer.data.train,
+                trainer.data.test,
+                int(cfg.batch_size),
+                float(ev.online_probe_lr),
+                int(cfg.seed),
+                int(cfg.train.log_every),
+                info.is_main,
+                aug.mean,
+                aug.std,
+            )
+            monitors.append(probe)
+        trainer.fit(monitors)
         if trainer.stop_requested is not None:
             if info.is_main:
                 print(
@@ -74,7 +89,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if not info.is_main:
             return {}
         baseline = build_model(cfg).backbone.to(trainer.device)
-        res = quick_eval(trainer.model.backbone, baseline, trainer.data, cfg, trainer.device, Path(run_dir))
+        online = {"online_probe": probe.result()} if ev.online_probe and probe.enabled else {}
+        res = quick_eval(trainer.model.backbone, baseline, trainer.data, cfg, trainer.device, Path(run_dir), online)
         print(format_table(res, f"{cfg.head.name} on {cfg.data.name}, {trainer.steps} steps -> {run_dir}"))
         if cfg.eval.plots:
             from episodic.eval.plots import save_run_plots  # accuracy curve, score histograms, embedding map

@@ -132,6 +132,8 @@ OUT_OF_RANGE: list[tuple[str, list[str], str]] = [
     ("episodic.train", ["n_way=1"], "n_way=1 is not allowed"),
     ("episodic.train", ["n_supp=0"], "n_supp=0 is not allowed"),
     ("episodic.train", ["seed=-1"], "seed=-1 is not allowed"),
+    ("episodic.train", ["memory_cap=0"], "memory_cap=0 is not allowed; use null or an integer >= 1"),
+    ("episodic.train", ["eval.online_probe_lr=0"], "eval.online_probe_lr=0.0 is not allowed"),
     ("episodic.train", ["device=tpu"], "device='tpu' is not allowed"),
     ("episodic.train", ["precision=fp8"], "precision='fp8' is not allowed"),
     ("episodic.train", ["sync_bn=maybe"], "sync_bn='maybe' is not allowed"),

@@ -38,8 +38,10 @@ def extract_features(
     device: str | torch.device = "cpu",
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    on_device: bool = False,
 ) -> Tensor:
-    """Backbone features ``[N, d]`` of uint8 ``images [N, C, H, W]`` (pixels scaled to [0, 1])."""
+    """Backbone features ``[N, d]`` of uint8 ``images [N, C, H, W]`` (pixels scaled to [0, 1]), float32 on the
+    CPU (``on_device``: on ``device``)."""
     was_training = backbone.training
     backbone.eval()
     out = []
@@ -51,7 +53,8 @@ def extract_features(
             x = (x - m) / s
         if x.dim() == 4:  # NHWC, as the trainer runs (channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        out.append(backbone(x).float().cpu())
+        z = backbone(x).float()
+        out.append(z if on_device else z.cpu())
     backbone.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 

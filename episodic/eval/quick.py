@@ -67,12 +67,19 @@ def evaluate_encoder(backbone: nn.Module, data: Splits, cfg: DictConfig, device:
 
 
 def quick_eval(
-    trained: nn.Module, random_init: nn.Module, data: Splits, cfg: DictConfig, device: torch.device, run_dir: Path
+    trained: nn.Module,
+    random_init: nn.Module,
+    data: Splits,
+    cfg: DictConfig,
+    device: torch.device,
+    run_dir: Path,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate both backbones, write ``results.json``, return the results dict."""
+    """Evaluate both backbones, write ``results.json`` (with ``extra``: what monitors measured during
+    training), return the results dict."""
     a = evaluate_encoder(trained, data, cfg, device)
     b = evaluate_encoder(random_init, data, cfg, device) if cfg.eval.baseline else None
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = dict(extra or {})
     if "linear" in a:
         res["linear"] = {"trained": a["linear"], "random_init": b["linear"] if b else None}
     res["fewshot"] = {k: {"trained": v, "random_init": b["fewshot"][k] if b else None} for k, v in a["fewshot"].items()}
@@ -90,4 +97,8 @@ def format_table(res: dict[str, Any], title: str = "") -> str:
     if "linear" in res:
         rows.append(("linear probe", res["linear"]["trained"], res["linear"]["random_init"]))
     rows += [(k, v["trained"], v["random_init"]) for k, v in res["fewshot"].items()]
-    return format_rows(rows, title)
+    table = format_rows(rows, title)
+    online = res.get("online_probe", {}).get("test_acc")
+    if online is not None:  # not a row of the table: no random-init twin, and another protocol
+        table += f"\nonline linear probe (trained alongside, not the offline probe above): test {online:.1f}%"
+    return table
