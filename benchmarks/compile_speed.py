@@ -3,11 +3,12 @@
     python benchmarks/compile_speed.py                                  # conv4, resnet_tiny, resnet18; r2d2
     python benchmarks/compile_speed.py --heads contrastive r2d2 --backbones conv4 --rounds 20
 
-Per backbone and head, two trainers from the same start: eager and ``train.compile=true``. The first step of
-each is timed alone (the compiled one traces and compiles: that difference is the compile time, reported
-apart; the inductor cache is a fresh folder unless ``--warm-cache``), then ``--warmup`` steps each, then
-``--rounds`` interleaved rounds (eager step, compiled step) on fixed views ``[2, B, C, S, S]``, so a load
-change hits both alike. images/s = batch / median step time.
+Per backbone and head, two trainers from the same start: eager and ``train.compile=true``. The first two steps
+of each are timed alone (the compiled one traces and compiles at the first, and again at the second, where
+the step number becomes a dynamic input: the difference is the compile time, reported apart; the inductor
+cache is a fresh folder unless ``--warm-cache``), then ``--warmup`` steps each, then ``--rounds``
+interleaved rounds (eager step, compiled step) on fixed views ``[2, B, C, S, S]``, so a load change hits
+both alike. images/s = batch / median step time.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from step_overhead import make_trainer, timed
+from step_overhead import interleaved, make_trainer, step_arguments, timed
 
 
 def measure(backbone: str, head: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -38,14 +40,9 @@ def measure(backbone: str, head: str, args: argparse.Namespace) -> dict[str, Any
                 head, backbone, args.batch, args.channels, args.size, tmp, [flag, *args.extra], args.device
             )
             steps[mode] = lambda t=trainer: t.train_step(views)
-            first[mode] = timed(steps[mode], sync=sync)
-        for _ in range(args.warmup):
-            for fn in steps.values():
-                fn()
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.rounds):
-            for k, fn in steps.items():
-                times[k].append(timed(fn, sync=sync))
+            # the first two steps: the second compiles again, with the step number as a dynamic input
+            first[mode] = timed(lambda fn=steps[mode]: (fn(), fn()), sync=sync)
+        times = interleaved(steps, args.warmup, args.rounds, time.perf_counter, sync)
     eager, compiled = (statistics.median(times[k]) for k in ("eager", "compiled"))
     return {
         "backbone": backbone,
@@ -66,16 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["conv4", "resnet_tiny", "resnet18"])
     ap.add_argument("--heads", nargs="+", default=["r2d2"])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--channels", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=10, help="timed steps per mode (median)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    step_arguments(ap, batch=64, rounds=10, warmup=2)
     ap.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk cache (compile time drops)")
-    ap.add_argument("--json", default=None, help="also write the rows to this file")
-    ap.add_argument("extra", nargs="*", help="Hydra overrides for both trainers (after --)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -103,6 +103,20 @@ def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter,
     return clock() - t0
 
 
+def interleaved(
+    steps: dict[str, Callable[[], Any]], warmup: int, rounds: int, clock: Callable[[], float], sync: bool
+) -> dict[str, list[float]]:
+    """``warmup`` untimed rounds, then ``rounds`` timed ones; each round calls every step once, in order."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            times[k].append(timed(fn, clock, sync))
+    return times
+
+
 def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
     views = torch.rand(2, args.batch, args.channels, args.size, args.size, generator=g).to(args.device)
@@ -114,13 +128,7 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
         }
         bare = bare_step_fn(next(iter(trainers.values())), views)
         steps = {"bare": bare, **{h: (lambda t=t: t.train_step(views)) for h, t in trainers.items()}}
-        for _ in range(args.warmup):
-            for fn in steps.values():
-                fn()
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.rounds):
-            for k, fn in steps.items():
-                times[k].append(timed(fn, CLOCKS[args.clock], sync))
+        times = interleaved(steps, args.warmup, args.rounds, CLOCKS[args.clock], sync)
         profiles = {k: profile_step(fn, args.device) for k, fn in steps.items()} if args.profile else {}
         solver_iters = {
             h: t.model.head.solver.last_iters for h, t in trainers.items() if hasattr(t.model.head, "solver")
@@ -161,14 +169,24 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
     return rows
 
 
+def step_arguments(ap: argparse.ArgumentParser, batch: int, rounds: int, warmup: int) -> None:
+    """The options every step benchmark takes: the input, the rounds, the device and threads, the output."""
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=rounds, help="timed steps per configuration (median)")
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (GPU steps are timed to completion)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("extra", nargs="*", help="Hydra overrides for every trainer (after --)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["conv4", "resnet_tiny"])
     ap.add_argument("--heads", nargs="+", default=["contrastive", "protonet", "r2d2", "svm"])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--channels", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=20, help="timed steps per head (median)")
+    step_arguments(ap, batch=256, rounds=20, warmup=3)
     ap.add_argument(
         "--clock",
         choices=list(CLOCKS),
@@ -176,12 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, steady on a "
         "machine shared with other jobs)",
     )
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (GPU steps are timed to completion)")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also count ops, host syncs and peak memory per step")
-    ap.add_argument("--json", default=None, help="also write the rows to this file")
-    ap.add_argument("extra", nargs="*", help="Hydra overrides for every trainer (after --)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
