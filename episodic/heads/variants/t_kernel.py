@@ -21,7 +21,9 @@ constant), and the variant replaces the logit by the log-kernel, computed stably
   multiquadric kernel, positive definite for every ``nu > 0``) in dual form,
   ``logits = K(Q, S) (K(S, S) + lam I)^{-1} Y``. Its ``nu -> infinity`` limit is Gaussian-kernel
   ridge, not the linear base head: no setting of this variant recovers linear ridge. The dual is
-  an ``n x n`` solve, so a MoCo queue (``n`` = queue size) is refused;
+  an ``n x n`` solve, so a MoCo queue (``n`` = queue size) is refused. ``bandwidth`` should be of the order
+  of the squared distances: with ``standardize=bn`` about twice the embedding width (at the default 1 the
+  Gram matrix is nearly the identity and Omniglot accuracy drops 18 points; docs/benchmarks.md);
 * svm: refused (the QP head's dual is built on a linear Gram matrix).
 
 ``standardize``: ``bn`` (official) standardises each encoder pass's batch (no affine, batch
