@@ -122,7 +122,7 @@ def compare(a: dict[int, float], b: dict[int, float], margin: float, kind: str) 
     m, h = mean(d), t_half_width(d)
     nums = f"{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}] points, n={len(seeds)}"
     if kind == "similar":
-        return ("held" if abs(m) <= margin else "did not hold"), nums
+        return ("held" if abs(m) <= margin else f"did not hold ({'better' if m > 0 else 'worse'})"), nums
     if m - h > 0:
         return "held", nums
     if m + h < 0:
@@ -138,18 +138,25 @@ def run_dir(out: Path, cell: Cell, seed: int, fraction: float) -> Path:
 
 def preflight(cell: Cell, rotation: str, extra: Sequence[str]) -> str | None:
     """``None`` if ``cell`` trains for one step on a tiny digits episode, else the one-line reason."""
-    import tempfile
-
-    from episodic.cli import compose_config, group_options
-    from episodic.config import validate
-    from episodic.engine import Trainer, check_config
-    from episodic.errors import EpisodicError
+    from episodic.cli import group_options
 
     if f"{cell.head}" not in group_options("head"):
         return f"no head {cell.head!r}"
     if cell.variant != "none" and cell.variant not in group_options("variant"):
         return f"no variant {cell.variant!r}"
-    overrides = [*PREFLIGHT, *cell.overrides(rotation), *[e for e in extra if not e.startswith("data")]]
+    return preflight_overrides(cell.overrides(rotation), extra)
+
+
+def preflight_overrides(overrides: Sequence[str], extra: Sequence[str]) -> str | None:
+    """``None`` if ``overrides`` train for one step on a tiny digits episode, else the one-line reason."""
+    import tempfile
+
+    from episodic.cli import compose_config
+    from episodic.config import validate
+    from episodic.engine import Trainer, check_config
+    from episodic.errors import EpisodicError
+
+    overrides = [*PREFLIGHT, *overrides, *[e for e in extra if not e.startswith("data")]]
     try:
         cfg = compose_config("train", overrides)
         validate(cfg)
@@ -164,7 +171,16 @@ def preflight(cell: Cell, rotation: str, extra: Sequence[str]) -> str | None:
 
 def launch(cell: Cell, seed: int, fraction: float, args: argparse.Namespace, out: Path) -> bool:
     """Run one cell in its own process; ``True`` when its ``result.json`` was written."""
-    rd = run_dir(out, cell, seed, fraction)
+    curve = args.curve > 1 and fraction == 1.0 and not cell.rotation and cell.variant == "none"
+    overrides = [*cell.overrides(args.rotation_override), f"seed={seed}"]
+    return launch_run(run_dir(out, cell, seed, fraction), overrides, fraction, curve, args, out)
+
+
+def launch_run(
+    rd: Path, overrides: Sequence[str], fraction: float, curve: bool, args: argparse.Namespace, out: Path
+) -> bool:
+    """``benchmarks/omniglot_fewshot.py`` into ``rd`` at ``fraction`` of the budget in its own process
+    (``args``: the budget, episodes, threads and extra overrides); ``True`` when ``result.json`` was written."""
     rd.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -186,10 +202,10 @@ def launch(cell: Cell, seed: int, fraction: float, args: argparse.Namespace, out
         cmd += ["--cpu-seconds", str(args.cpu_seconds * fraction)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if args.curve > 1 and fraction == 1.0 and not cell.rotation and cell.variant == "none":
+    if curve:
         cmd += ["--curve", str(args.curve)]
-    cmd += [*cell.overrides(args.rotation_override), f"seed={seed}", *args.extra]
-    print(f"[ablate] {rd.name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+    cmd += [*overrides, *args.extra]
+    print(f"[run] {rd.name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     with open(rd / "log.txt", "w") as log:
         p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -197,12 +213,12 @@ def launch(cell: Cell, seed: int, fraction: float, args: argparse.Namespace, out
     if not ok:
         tail = (rd / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
         (rd / "failed.txt").write_text(f"exit {p.returncode}: {tail[0]}\n")
-        print(f"[ablate]   failed (exit {p.returncode}): {tail[0]}", flush=True)
+        print(f"[run]   failed (exit {p.returncode}): {tail[0]}", flush=True)
     else:
         (rd / "failed.txt").unlink(missing_ok=True)
         r = json.loads((rd / "result.json").read_text())
         print(
-            f"[ablate]   {r['steps']} steps, {r['train_seconds']:.0f} s train, "
+            f"[run]   {r['steps']} steps, {r['train_seconds']:.0f} s train, "
             f"{time.perf_counter() - t0:.0f} s total: 5w1s {r['fewshot']['5way1shot']['mean']:.1f}",
             flush=True,
         )

@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -120,7 +121,7 @@ def random_init_result(
     backbone = build_model(cfg).backbone.to(device)
     res = evaluate(backbone, cfg, images, labels, device, episodes)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # parallel runs may compute the same entry
     tmp.write_text(json.dumps({"identity": json.loads(ident), "fewshot": res}, indent=1))
     tmp.replace(path)
     return res
@@ -270,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_seconds": round(time.perf_counter() - t_eval, 2),
         "images_per_s": round(trainer.step * cfg.batch_size / max(budget.elapsed, 1e-9), 1),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine(trainer.device),
         "eval": {
             "split": cfg.data.params.eval_split,
             "episodes": args.episodes,
@@ -291,6 +293,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(markdown_row(result))
     print(markdown_row({**result, "name": "random init", "fewshot": baseline, "steps": 0, "train_seconds": 0}))
     return result
+
+
+def machine(device: torch.device) -> str:
+    """The device the run trained on, e.g. ``NVIDIA H200 (torch 2.11.0)`` or ``cpu, 2 cores (torch ...)``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {os.cpu_count()} cores"
+    return f"{name} (torch {torch.__version__})"
 
 
 def cell(r: dict[str, float]) -> str:
