@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import (  # noqa: E402  (a sibling script, not a package)
+from ablate import (
     LABELS,
     SETTINGS,
     UMTRA,
