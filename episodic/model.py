@@ -4,7 +4,8 @@
 the step's loss together with the logits it scored and the labels they are scored against::
 
     views --sampler--> episode of images --task augmentations--> episode(s) of images
-          --pairing's encoders--> episode(s) of embeddings --gathered across processes as the head
+          --pairing's encoders--> episode(s) of embeddings (+ the episode of a sampler's pseudo-shots)
+          --gathered across processes as the head
           declares--> head (+ the pairing's queue as extra classes) --> loss, logits, query labels
           (+ auxiliary task losses);  the pairing's state (queue) follows the batch
 
@@ -67,9 +68,9 @@ class EpisodicModel(nn.Module):
     ) -> None:
         super().__init__()
         method.validate_head(head)
-        sampler.validate(method)
-        self.sampler, self.method, self.head = sampler, method, head
         self.task = task if task is not None else TaskPipeline()
+        sampler.validate(method, [a.stage for a in self.task.stages])
+        self.sampler, self.method, self.head = sampler, method, head
         self.scope = scope if scope is not None else ScopePlan.one_process()
         if not method.trains_head:  # e.g. BYOL: the loss never reaches the head's parameters
             head.requires_grad_(False)
@@ -88,9 +89,11 @@ class EpisodicModel(nn.Module):
     ) -> StepOutput:
         """One step's loss on this process's views ``[V, B, ...]``; ``generator`` draws the task
         augmentations, ``step`` of ``total_steps`` schedules their weights."""
-        episode = self.sampler(views, self.method)  # classes, support and query examples
+        episode = self.sampler(views, self.method, self.scope)  # classes, support and query examples
         episode, aux = self.task(episode, generator, step, total_steps)  # whole-episode transforms
         local = self.method.embed(episode, self.head.transform_embeddings)  # which encoder embeds what
+        if local[0].pseudo_support is not None:  # a sampler's pseudo-shots: the same queries, scored again
+            local.append(local[0].pseudo_episode())
         gathered = self.head.gathers if self.method.gathers else "none"
         scored = [self.scope.gather(e, gathered) for e in local]  # episodes spanning processes
         out = self.method.score(scored, self.head)  # the head's classifier scores the queries

@@ -38,14 +38,14 @@ from episodic.heads.base import HEADS
 from episodic.methods import METHODS
 from episodic.model import EpisodicModel
 from episodic.models import build_encoder
-from episodic.tasks.samplers import ViewSampler
+from episodic.tasks.samplers import SAMPLERS
 from episodic.tasks.scope import ScopePlan, _interleave, plan_scope
 from helpers import TINY, make_cfg
 
 WORLD = 2
 B = 16  # global batch: 8 images per rank
 
-# name: (head, head params, n_supp, n_query, n_way, scope[, method, method params])
+# name: (head, head params, n_supp, n_query, n_way, scope[, method, method params[, sampler, sampler params]])
 CASES: dict[str, tuple[Any, ...]] = {
     "contrastive_global": ("contrastive", {"temperature": 0.2}, 1, 2, None, "global"),
     "r2d2_global": ("r2d2", {"lam": 1.0, "scale": 10.0, "learn_scale": True}, 2, 1, None, "global"),
@@ -64,6 +64,19 @@ CASES: dict[str, tuple[Any, ...]] = {
         "moco",
         {"queue_size": 24, "symmetric": True},
     ),
+    # pseudo-shots from the queue: the Sinkhorn assignment over the global batch, the shots' episode gathered
+    "psco_contrastive_global": (
+        "contrastive",
+        {"temperature": 0.5, "symmetric": False},
+        1,
+        1,
+        None,
+        "global",
+        "moco",
+        {"queue_size": 24},
+        "psco",
+        {"shots": 2},
+    ),
 }
 
 
@@ -75,11 +88,14 @@ def _tiny_model(
     params: dict[str, Any],
     method: str = "simclr",
     method_params: dict[str, Any] | None = None,
+    sampler: str = "views",
+    sampler_params: dict[str, Any] | None = None,
 ) -> EpisodicModel:
     torch.manual_seed(0)
     enc = build_encoder("conv4", 1, {"width": 8, "depth": 2}, {"hidden_dim": 16, "out_dim": 8})
     pairing = METHODS.build(method, encoder=enc, **(method_params or {}))
-    model = EpisodicModel(ViewSampler(ns, nq, plan.sampler_way), pairing, HEADS.build(head, **params), scope=plan)
+    episodes = SAMPLERS.build(sampler, n_supp=ns, n_query=nq, n_way=plan.sampler_way, **(sampler_params or {}))
+    model = EpisodicModel(episodes, pairing, HEADS.build(head, **params), scope=plan)
     g = torch.Generator().manual_seed(3)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -102,6 +118,8 @@ def _grad_case(
     scope: str,
     method: str = "simclr",
     method_params: dict[str, Any] | None = None,
+    sampler: str = "views",
+    sampler_params: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     views = torch.rand(ns + nq, B, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     b = B // WORLD
@@ -114,12 +132,15 @@ def _grad_case(
         params,
         method,
         method_params,
+        sampler,
+        sampler_params,
     )
     out = ref(views)
     out.loss.backward()
     ref_loss, ref_grads = float(out.loss.detach()), _grads(ref)
     # two processes, each its own slice
-    model = _tiny_model(plan_scope(scope, n_way, B, WORLD, rank), ns, nq, head, params, method, method_params)
+    plan = plan_scope(scope, n_way, B, WORLD, rank)
+    model = _tiny_model(plan, ns, nq, head, params, method, method_params, sampler, sampler_params)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     out = ddp(views[:, rank * b : (rank + 1) * b])
     out.loss.backward()
@@ -227,15 +248,18 @@ def test_two_processes_equal_one_process_on_the_global_batch(ranks: Any, case: s
         assert r["grad_diff"] <= 1e-5 and r["grad_diff"] <= 1e-3 * r["grad_max"], r
 
 
-@pytest.mark.parametrize("case", ["protonet_global", "r2d2_way4", "contrastive_local", "moco_r2d2_global"])
+@pytest.mark.parametrize(
+    "case", ["protonet_global", "r2d2_way4", "contrastive_local", "moco_r2d2_global", "psco_contrastive_global"]
+)
 def test_other_layouts_equal_one_process(ranks: Any, case: str) -> None:
     """protonet across processes; n_way dividing the local batch (nothing gathered); scope=local
-    (each process's own episodes = one process with n_way = local batch); MoCo with a queue."""
+    (each process's own episodes = one process with n_way = local batch); MoCo with a queue; PsCo's
+    pseudo-shots (Sinkhorn marginals reduced over the processes, the shots' episode gathered)."""
     for res in ranks[0]:
         r = res[case]
         assert r["spans"] == (1.0 if case.endswith("_global") else 0.0)
         assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 and r["grad_diff"] <= 1e-5, r
-        if case.startswith("moco"):  # the keys of both processes were enqueued, in one-process order
+        if CASES[case][6:7] == ("moco",):  # the keys of both processes were enqueued, in one-process order
             assert r["queue_diff"] <= 1e-5 and r["queue_ptr"] == B, r
 
 

@@ -102,7 +102,7 @@ class GroupSampler(Sampler):
         super().__init__(n_supp, n_query, n_way)
         self.group = group
 
-    def forward(self, views: Tensor, method: nn.Module | None = None) -> Episode:
+    def forward(self, views: Tensor, method: nn.Module | None = None, scope: object = None) -> Episode:
         v, b = views.shape[:2]
         labels = torch.arange(b, device=views.device) // self.group
         ns = self.n_supp

@@ -65,9 +65,11 @@ class Method(nn.Module):
         return None
 
     def score(self, episodes: list[Episode], head: Head) -> HeadOutput:
-        """Each episode scored by ``head`` with :meth:`memory`; losses summed, logits of the first."""
+        """Each episode scored by ``head`` with :meth:`memory` (not those whose support came from it);
+        losses summed, logits of the first."""
         memory = self.memory()  # heads without memory support need not take the argument at all
-        outs = [head(e) if memory is None else head(e, memory=memory) for e in episodes]
+        # an episode whose support rows came from the memory does not get the memory again as classes
+        outs = [head(e) if memory is None or e.support_from_memory else head(e, memory=memory) for e in episodes]
         loss = outs[0].loss
         for o in outs[1:]:
             loss = loss + o.loss

@@ -31,6 +31,11 @@ class Episode:
         n_way, n_supp, n_query: the task's shape.
         query_labels_mix: optional second label per query (mixup / CutMix against another class).
         mix_weight: ``[E, Nq]`` weight of ``query_labels`` in the loss (``1 - w`` goes to the mix label).
+        pseudo_support: ``[E, n_way * K, d]`` support rows that are embeddings already (a pseudo-labelling
+            sampler's shots from a memory, no gradient), view-major like ``support``; ``None``: none.
+        pseudo_labels: ``[E, n_way * K]`` their classes.
+        support_from_memory: the support rows came from the pairing's memory, so the memory is not
+            added to this episode's classes again (:meth:`pseudo_episode`).
     """
 
     support: Tensor
@@ -42,6 +47,9 @@ class Episode:
     n_query: int
     query_labels_mix: Tensor | None = None
     mix_weight: Tensor | None = None
+    pseudo_support: Tensor | None = None
+    pseudo_labels: Tensor | None = None
+    support_from_memory: bool = False
 
     @property
     def n_episodes(self) -> int:
@@ -49,6 +57,19 @@ class Episode:
 
     def replace(self, **changes: Any) -> Episode:
         return replace(self, **changes)
+
+    def pseudo_episode(self) -> Episode:
+        """The same (embedded) queries against the pseudo-shots as the support: ``K`` shots per class."""
+        if self.pseudo_support is None or self.pseudo_labels is None:
+            raise ValueError("this episode has no pseudo-support")
+        return self.replace(
+            support=self.pseudo_support,
+            support_labels=self.pseudo_labels,
+            n_supp=self.pseudo_support.shape[1] // self.n_way,
+            pseudo_support=None,
+            pseudo_labels=None,
+            support_from_memory=True,
+        )
 
     def embed(
         self,

@@ -4,8 +4,13 @@ A sampler decides which examples form an episode's classes and which of them are
 the default ``views`` sampler makes every image its own class; pseudo-labelling samplers build
 classes from a momentum queue or from clusters. It runs first in the model's forward, on images
 (views ``[V, B, C, H, W]``, view-major, ``V = n_views``), and may read the encoder pairing it is
-given (its momentum encoder, its queue) but never trains it. A sampler with state (centroids, a
-refresh counter) keeps it in buffers, so checkpoints carry it.
+given (its momentum encoder, its queue) but never trains it; ``scope`` is the process layout (a
+sampler whose choices depend on the global batch reduces over its processes). A sampler with state
+(centroids, a refresh counter) keeps it in buffers, so checkpoints carry it.
+
+A sampler may also hand the head support rows that are embeddings already (``Episode.pseudo_support``:
+e.g. pseudo-shots taken from the pairing's queue); the model scores them as a second episode of the
+same queries (:meth:`Episode.pseudo_episode`).
 
 Adding one is one module in this package, registered with ``@SAMPLERS.register("name")``: ``sampler=name``
 then selects it, its constructor's other keyword parameters become ``sampler.params.*`` (episodic/config.py);
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 from episodic.errors import check
 from episodic.registry import Registry
 from episodic.tasks.episode import Episode
+from episodic.tasks.scope import ScopePlan
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler", "episodic.tasks.samplers")
 
@@ -56,10 +62,11 @@ class Sampler(nn.Module):
         )
         return n_way
 
-    def validate(self, method: nn.Module) -> None:
-        """Refuse an encoder pairing this sampler cannot read its state from (default: any pairing)."""
+    def validate(self, method: nn.Module, task_stages: list[int]) -> None:
+        """Refuse an encoder pairing this sampler cannot read its state from, or task augmentations (by
+        ``stage``: 0 auxiliary, 1 new-class, 2 mixing) it cannot follow (default: anything)."""
 
-    def forward(self, views: Tensor, method: nn.Module | None = None) -> Episode:
+    def forward(self, views: Tensor, method: nn.Module | None = None, scope: ScopePlan | None = None) -> Episode:
         raise NotImplementedError
 
     def extra_repr(self) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from episodic.errors import check
 from episodic.tasks.episode import Episode
 from episodic.tasks.samplers.base import SAMPLERS, Sampler
+from episodic.tasks.scope import ScopePlan
 
 
 @SAMPLERS.register("views")
@@ -42,7 +43,7 @@ class ViewSampler(Sampler):
             )
         return self._labels[key]
 
-    def forward(self, views: Tensor, method: nn.Module | None = None) -> Episode:
+    def forward(self, views: Tensor, method: nn.Module | None = None, scope: ScopePlan | None = None) -> Episode:
         """Build episodes from ``views`` of shape ``[V, B, ...]`` (view-major)."""
         v, b = views.shape[:2]
         check(v == self.n_views, f"got {v} views per image but n_supp + n_query = {self.n_views}")
