@@ -59,6 +59,16 @@ def test_topk_selection_matches_brute_force() -> None:
         assert sorted(idx[i].tolist()) == sorted(brute)
 
 
+def test_neighbors_takes_the_nearest_queue_rows() -> None:
+    g = torch.Generator().manual_seed(5)
+    sampler = SAMPLERS.build("neighbors", n_supp=1, n_query=1, shots=2)
+    keys, queue = torch.randn(6, 4, generator=g), torch.randn(15, 4, generator=g)
+    idx = sampler.select(keys, queue)
+    cos = torch.nn.functional.cosine_similarity(keys[:, None], queue[None], dim=-1)
+    for i in range(6):
+        assert sorted(idx[i].tolist()) == sorted(sorted(range(15), key=lambda j: -float(cos[i, j]))[:2])
+
+
 def _shots_episode(q: torch.Tensor, shots: torch.Tensor) -> Episode:
     b, k = q.shape[0], shots.shape[1]
     return Episode(
@@ -89,17 +99,18 @@ def test_pseudo_term_is_psco_supervised_contrastive_loss_and_its_gradient() -> N
     assert torch.autograd.gradcheck(lambda x: head(_shots_episode(x, shots)).loss, (q,), eps=1e-6, atol=1e-8)
 
 
-def _psco_model(task: list[str] | None = None, queue: int = 40, **sampler: object) -> EpisodicModel:
+def _psco_model(task: list[str] | None = None, queue: int = 40, name: str = "psco", **sampler: object) -> EpisodicModel:
     torch.manual_seed(0)
     enc = build_encoder("conv4", 1, {"width": 8, "depth": 2}, {"hidden_dim": 16, "out_dim": 8})
     moco = METHODS.build("moco", encoder=enc, queue_size=queue, momentum=0.9)
     head = HEADS.build("contrastive", temperature=0.5, symmetric=False)
     pipeline = build_task_pipeline({"augment": task or []}, TaskContext(embed_dim=8)) if task else TaskPipeline()
-    return EpisodicModel(SAMPLERS.build("psco", n_supp=1, n_query=1, **sampler), moco, head, pipeline)
+    return EpisodicModel(SAMPLERS.build(name, n_supp=1, n_query=1, **sampler), moco, head, pipeline)
 
 
-def test_the_step_adds_the_pseudo_episode_and_enqueues_only_the_keys() -> None:
-    model = _psco_model(shots=2)
+@pytest.mark.parametrize("name", ["psco", "neighbors"])
+def test_the_step_adds_the_pseudo_episode_and_enqueues_only_the_keys(name: str) -> None:
+    model = _psco_model(name=name, shots=2)
     for m in model.modules():  # training mode (the queue follows the batch), BatchNorm on fixed statistics
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
@@ -132,6 +143,7 @@ def test_query_mixing_and_auxiliary_losses_follow_the_pseudo_episode() -> None:
     "build, message",
     [
         (lambda: _psco_model(task=["rotate"]), "task augmentations that change the classes"),
+        (lambda: _psco_model(name="neighbors", queue=1), "sampler=neighbors takes its 4 shots per class"),
         (lambda: _psco_model(queue=3, shots=4), "method.params.queue_size >= 4"),
         (lambda: SAMPLERS.build("psco", n_supp=2), "got n_supp=2, use 1"),
         (lambda: SAMPLERS.build("psco", epsilon=0.001), "sampler.params.epsilon=0.001 is not allowed"),

@@ -100,7 +100,9 @@ class PsCoSampler(ViewSampler):
         selection: str = "topk",
     ) -> None:
         super().__init__(n_supp, n_query, n_way)
-        check(n_supp == 1, f"sampler=psco takes one key view per image as its support; got n_supp={n_supp}, use 1")
+        check(
+            n_supp == 1, f"sampler={self.name} takes one key view per image as its support; got n_supp={n_supp}, use 1"
+        )
         check(isinstance(shots, int) and shots >= 1, f"sampler.params.shots={shots!r} is not allowed; use >= 1")
         check(
             isinstance(iterations, int) and iterations >= 1,
@@ -118,17 +120,17 @@ class PsCoSampler(ViewSampler):
         queue = int(getattr(method, "queue_size", 0))
         check(
             hasattr(method, "key") and queue >= self.shots,
-            f"sampler=psco takes its {self.shots} shots per class from the momentum queue of method=moco; "
+            f"sampler={self.name} takes its {self.shots} shots per class from the momentum queue of method=moco; "
             f"got method={getattr(method, 'name', '?')} with a queue of {queue}: use method=moco with "
             f"method.params.queue_size >= {self.shots}",
         )
         check(
             not getattr(method, "symmetric", False),
-            "sampler=psco scores the key view as the support: use method.params.symmetric=false",
+            f"sampler={self.name} scores the key view as the support: use method.params.symmetric=false",
         )
         check(
             1 not in task_stages,
-            "sampler=psco chooses the shots of the sampled images before task augmentations run, which "
+            f"sampler={self.name} chooses the shots of the sampled images before task augmentations run, which "
             "task augmentations that change the classes (rotate, crop, invert) would contradict; use "
             "mixing (query_mix) or auxiliary (rotation_loss) task augmentations only",
         )
@@ -152,7 +154,7 @@ class PsCoSampler(ViewSampler):
 
     def forward(self, views: Tensor, method: nn.Module | None = None, scope: ScopePlan | None = None) -> Episode:
         episode = super().forward(views, method, scope)
-        check(method is not None, "sampler=psco needs the encoder pairing (method=moco)")
+        check(method is not None, f"sampler={self.name} needs the encoder pairing (method=moco)")
         assert method is not None
         e, n_way = episode.n_episodes, episode.n_way
         pairing = cast(Any, method)  # a momentum encoder (key) and a queue: checked by validate
