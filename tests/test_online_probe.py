@@ -104,3 +104,18 @@ def test_unlabelled_data_has_no_probe(tmp_path: Path) -> None:
     )
     probe = OnlineProbe(unlabelled, test, 4, 0.1, 0, 1)
     assert not probe.enabled
+
+
+def test_new_test_classes_have_no_probe() -> None:
+    """Few-shot splits (Omniglot's test characters are not training characters): a probe of the training
+    classes would score 0% there, so it is off; a test split of training classes keeps it."""
+    from episodic.data.datasets import ArrayDataset
+
+    images = torch.zeros(6, 1, 8, 8, dtype=torch.uint8)
+    names = ["a", "b", "c"]
+    train = ArrayDataset(images, torch.tensor([0, 0, 1, 1, 0, 1]), names)
+    new = ArrayDataset(images, torch.tensor([2, 2, 2, 2, 2, 2]), names)
+    known = ArrayDataset(images, torch.tensor([1, 0, 1, 0, 1, 0]), names)
+    assert not OnlineProbe(train, new, 4, 0.1, 0, 1).enabled
+    assert OnlineProbe(train, known, 4, 0.1, 0, 1).enabled
+    assert not OnlineProbe(train, ArrayDataset(images, known.labels, ["x", "y", "z"]), 4, 0.1, 0, 1).enabled

@@ -38,11 +38,22 @@ from episodic.eval.features import extract_features
 from episodic.monitor import Progress
 
 
+def same_classes(train: ArrayDataset, test: ArrayDataset) -> bool:
+    """Whether every test label is a class of the training split (a probe of the training classes can
+    score the test split); not so for few-shot splits, whose test classes are new (Omniglot's)."""
+    if train.classes != test.classes or not len(train):
+        return False
+    known = torch.zeros(len(train.classes) + 1, dtype=torch.bool)
+    known[train.labels.clamp(min=-1)] = True  # -1 (unlabelled) lands on the extra last slot
+    return bool(known[test.labels[test.labels >= 0]].all())
+
+
 class OnlineProbe:
     """A :class:`episodic.monitor.Monitor` training a linear probe on detached backbone features.
 
     Args:
-        train, test: labelled splits (uint8 images); an empty or unlabelled train split disables it.
+        train, test: labelled splits (uint8 images); an empty or unlabelled train split, or a test split
+            with classes the train split does not have (few-shot splits), disables it.
         batch_size: labelled images per step.
         lr: the probe's SGD learning rate.
         seed: its batches' random order (independent of training's).
@@ -67,7 +78,7 @@ class OnlineProbe:
     ) -> None:
         check(lr > 0, f"eval.online_probe_lr={lr} is not allowed; use a value > 0")
         labelled = len(train) > 0 and train.labels is not None and bool((train.labels >= 0).all())
-        self.enabled = main and labelled
+        self.enabled = main and labelled and same_classes(train, test)
         self.train, self.test = train, test
         self.batch_size, self.lr, self.seed, self.log_every = min(batch_size, max(1, len(train))), lr, seed, log_every
         self.mean, self.std = mean, std
