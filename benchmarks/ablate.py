@@ -1,4 +1,4 @@
-"""The seed-paper ablations on unsupervised few-shot Omniglot, intervals over seeds, into ``docs/results.md``.
+"""The heads x task rotation x variants grid on unsupervised few-shot Omniglot, into ``docs/results_60steps.md``.
 
     python benchmarks/ablate.py --steps 400 --seeds 0 1 2               # the whole grid, then the report
     python benchmarks/ablate.py --steps 400 --seeds 0 1 2 --max-runs 6  # the next 6 missing runs only
@@ -453,6 +453,20 @@ def report(
 
 
 # ------------------------------------------------------------------------------------------- main
+def grid_arguments(ap: argparse.ArgumentParser, out: str, doc: str) -> None:
+    """The options of a resumable grid of runs: how many at a time, evaluation, where, and the overrides."""
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each on cores / jobs threads)")
+    ap.add_argument("--episodes", type=int, default=2000)
+    ap.add_argument("--margin", type=float, default=1.0, help="points within which two settings count as on par")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--doc", default=doc)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from existing results")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs that would be made")
+    ap.add_argument("extra", nargs="*", help="Hydra overrides for every run (after --)")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="step budget of every run")
@@ -476,16 +490,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=0,
         help="base runs evaluate 5-way 1-shot at this many points of their budget (the plot)",
     )
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each on cores / jobs threads)")
-    ap.add_argument("--episodes", type=int, default=2000)
-    ap.add_argument("--margin", type=float, default=1.0, help="points within which two heads count as similar")
-    ap.add_argument("--out", default="runs/ablate")
-    ap.add_argument("--doc", default="docs/results.md")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from existing results")
-    ap.add_argument("--dry-run", action="store_true", help="list the runs that would be made")
-    ap.add_argument("extra", nargs="*", help="Hydra overrides for every run (after --)")
+    grid_arguments(ap, out="runs/ablate", doc="docs/results_60steps.md")
     args = ap.parse_args(argv)
     if args.steps is None and args.seconds is None and args.cpu_seconds is None:
         ap.error("give a budget: --steps N, --seconds S and/or --cpu-seconds C")

@@ -43,6 +43,7 @@ from ablate import (
     acc,
     compare,
     fmt,
+    grid_arguments,
     launch_run,
     mean,
     preflight_overrides,
@@ -284,16 +285,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), help="the arms to run (default: all)")
     ap.add_argument("--curve", type=int, default=4, help="5-way 1-shot at this many points of each run")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each on cores / jobs threads)")
-    ap.add_argument("--episodes", type=int, default=2000)
-    ap.add_argument("--margin", type=float, default=1.0, help="points within which 'on par' holds")
-    ap.add_argument("--out", default="runs/claims")
-    ap.add_argument("--doc", default="docs/results.md")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from existing results")
-    ap.add_argument("--dry-run", action="store_true", help="list the runs that would be made")
-    ap.add_argument("extra", nargs="*", help="Hydra overrides for every run (after --)")
+    grid_arguments(ap, out="runs/claims", doc="docs/results.md")
     args = ap.parse_args(argv)
     if (args.steps is None) == (args.seconds is None):
         ap.error("give one budget: --steps N or --seconds S")
