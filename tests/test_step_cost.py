@@ -15,10 +15,16 @@ import pytest
 import torch
 
 from episodic.profiling import profile_step
-from golden import CASES, COMMON
+from golden import CASES, COMMON, MOCO
 from helpers import make_cfg
 
 CLOSED_FORM = [name for name in CASES if not name.startswith("svm")]
+# the pseudo-labelling samplers (no recorded losses: tests/test_psco.py checks their values)
+PSEUDO = {
+    "contrastive+psco": ["head=contrastive", "head.params.symmetric=false", *MOCO, "sampler=psco"],
+    "protonet+neighbors+query_mix": ["head=protonet", *MOCO, "sampler=neighbors", "task.augment=[query_mix]"],
+}
+STEPS = {**{name: CASES[name] for name in CLOSED_FORM}, **PSEUDO}
 # not a log step (train.log_every reads the guard's rows), no checkpoint or histogram in the window
 QUIET = [*COMMON, "train.steps=20", "train.log_every=10"]
 
@@ -35,10 +41,11 @@ def steady_step(overrides: list[str], run_dir: Path, warm: int = 2) -> tuple[obj
     return trainer, profile_step(lambda: trainer.train_step(batches[warm]))
 
 
-@pytest.mark.parametrize("case", CLOSED_FORM)
+@pytest.mark.parametrize("case", list(STEPS))
 def test_closed_form_step_never_reads_the_host(tmp_path: Path, case: str) -> None:
-    """Every pairing, variant, task augmentation and scope of the contrastive, ProtoNet and R2D2 heads."""
-    _, prof = steady_step(CASES[case], tmp_path)
+    """Every pairing, variant, task augmentation, sampler and scope of the contrastive, ProtoNet and R2D2
+    heads."""
+    _, prof = steady_step(STEPS[case], tmp_path)
     assert prof.n_ops > 50  # the counter saw the step
     assert dict(prof.syncs) == {}, case
 

@@ -77,7 +77,7 @@ def sinkhorn(
     reduce = reduce or (lambda x: x)
     p = (scores.double() / epsilon).exp()  # cosine scores: finite in float64 for epsilon >= 0.002
     p /= reduce(p.sum().reshape(1))
-    n_rows = reduce(torch.tensor([p.shape[0]], dtype=p.dtype, device=p.device))
+    n_rows = reduce(p.new_full((1,), float(p.shape[0])))  # made on the device: no host-to-device copy
     n_cols = p.shape[1]
     for _ in range(iterations):
         p /= reduce(p.sum(0, keepdim=True)) * n_cols
