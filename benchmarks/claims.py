@@ -176,7 +176,15 @@ def plot_curves(path: Path, runs: dict[str, dict[int, dict[str, Any]]]) -> bool:
 def report(args: argparse.Namespace, arms: Sequence[str], skipped: dict[str, str], out: Path) -> str:
     runs = {a: load(out, a, args.seeds) for a in arms}
     budget = f"{args.steps} steps" if args.steps else f"{args.seconds:g} s of training"
-    machine = next((r.get("machine") for rs in runs.values() for r in rs.values() if r.get("machine")), None)
+    machines: dict[str, list[str]] = {}
+    for a, rs in runs.items():
+        for seed, r in rs.items():
+            machines.setdefault(r.get("machine", "not recorded"), []).append(f"{a} seed {seed}")
+    ranked = sorted(machines.items(), key=lambda m: -len(m[1]))
+    machine = "; ".join(
+        f"{m}: {len(w)} run{'' if len(w) == 1 else 's'}" + ("" if i == 0 else f" ({', '.join(w)})")
+        for i, (m, w) in enumerate(ranked)
+    )
     lines = [
         "# The seed papers' claims on unsupervised few-shot Omniglot",
         "",
