@@ -124,6 +124,21 @@ PUBLISHED: dict[str, dict[str, object]] = {
         "variant": {},
         "train.steps": 2860,
     },
+    # PsCo's pseudo-shots on Omniglot (chosen on the val split, docs/benchmarks.md)
+    "omniglot_psco": {
+        "data.name": "omniglot",
+        "sampler.name": "psco",
+        "sampler.params.shots": 4,
+        "method.name": "moco",
+        "method.params.momentum": 0.99,
+        "method.params.queue_size": 4096,
+        "head.name": "contrastive",
+        "head.params.temperature": 0.2,
+        "head.params.symmetric": False,
+        "task.augment": ["query_mix"],
+        "n_supp": 1,
+        "n_query": 1,
+    },
 }
 RECIPES = sorted(PUBLISHED)
 FAST = ["train.steps=2", "eval.fewshot.episodes=10", "eval.linear=false", "eval.baseline=false"]
