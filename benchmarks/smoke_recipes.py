@@ -4,7 +4,7 @@
     python benchmarks/smoke_recipes.py --recipes snclr t_moco_v2 --seeds 0 1 2
 
 Each recipe runs as ``python -m episodic.train +experiment=NAME +scale=cpu_smoke`` (Conv-4 width 16 on the
-embedded digits, batch 32, 100 steps, memories capped at 1,024 entries) and its end-of-run quick evaluation
+embedded digits, batch 32, 600 steps, memories capped at 1,024 entries) and its end-of-run quick evaluation
 compares the trained encoder with its random-init twin: the linear probe and 5-way 1/5-shot episodes
 (200) on digits 5-9 of the test split. A recipe *learns* when its 5-way 1-shot accuracy is above the
 random-init twin's with non-overlapping 95% intervals. Resumable: a run with a ``results.json`` is
