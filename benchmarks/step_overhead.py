@@ -15,7 +15,8 @@ shared machine hits them alike; the figure is the ratio of the medians over ``--
 median of the per-round ratios is printed too). Target: <= 1.05 for contrastive, ProtoNet and R2D2.
 
 ``--profile``: one more step of each (after the timed rounds) under :func:`episodic.profiling.profile_step`:
-launch-level ATen operators per step (``ops``; ``dispatched`` counts views and allocations too), host
+launch-level ATen operators per step (``ops``, and by name those beyond the bare step's, ``extra_ops``;
+``dispatched`` counts views and allocations too), host
 synchronisations per step (``syncs``: ``.item()``-like reads, ``nonzero``, ``equal``, ``tolist``...), the
 trainer's operators over the bare step's (``ops_ratio``), the peak memory (CUDA: ``max_memory_allocated``;
 CPU: the process's peak resident set, a high-water mark shared by every row) and, for the SVM head, the
@@ -163,6 +164,7 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
                 bare_dispatched=b.dispatched,
                 syncs=p.n_syncs,
                 sync_ops=dict(p.syncs),
+                extra_ops=dict((p.ops - b.ops).most_common()),  # by name: what the step adds to the bare one
                 peak_memory_mb=p.peak_memory / 2**20,
                 solver_iters=solver_iters.get(h),
             )
