@@ -12,11 +12,10 @@ PsCo's sampler's; the selection needs no reduction across processes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from episodic.tasks.samplers.base import SAMPLERS
-from episodic.tasks.samplers.psco import PsCoSampler
+from episodic.tasks.samplers.psco import PsCoSampler, cosine_scores
 from episodic.tasks.scope import ScopePlan
 
 
@@ -29,8 +28,7 @@ class NeighborSampler(PsCoSampler):
 
     @torch.no_grad()
     def select(self, keys: Tensor, queue: Tensor, scope: ScopePlan | None = None) -> Tensor:
-        scores = F.normalize(keys.float(), dim=-1) @ F.normalize(queue.float(), dim=-1).T
-        return scores.topk(self.shots, dim=1).indices
+        return cosine_scores(keys, queue).topk(self.shots, dim=1).indices
 
     def extra_repr(self) -> str:
         return f"n_supp={self.n_supp}, n_query={self.n_query}, n_way={self.n_way}, shots={self.shots}"

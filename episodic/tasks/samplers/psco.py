@@ -64,6 +64,11 @@ def _all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+def cosine_scores(keys: Tensor, queue: Tensor) -> Tensor:
+    """``[B, Q]`` cosine similarities of the (unnormalised) keys and queue rows, in float32."""
+    return F.normalize(keys.float(), dim=-1) @ F.normalize(queue.float(), dim=-1).T
+
+
 @torch.no_grad()
 def sinkhorn(
     scores: Tensor,
@@ -146,8 +151,8 @@ class PsCoSampler(ViewSampler):
     def select(self, keys: Tensor, queue: Tensor, scope: ScopePlan | None = None) -> Tensor:
         """Indices ``[B, K]`` of each key's shots among the ``queue`` rows (both unnormalised)."""
         distributed = scope is not None and scope.world_size > 1
-        scores = F.normalize(keys.float(), dim=-1) @ F.normalize(queue.float(), dim=-1).T
-        assign = sinkhorn(scores, self.epsilon, self.iterations, _all_reduce_sum if distributed else None)
+        reduce = _all_reduce_sum if distributed else None
+        assign = sinkhorn(cosine_scores(keys, queue), self.epsilon, self.iterations, reduce)
         if self.selection == "topk":
             return assign.topk(self.shots, dim=1).indices
         return torch.multinomial(assign, self.shots)
