@@ -251,7 +251,7 @@ class Trainer:
             self.scaler.update()
             bad = (~torch.isfinite(loss)).float()
         else:
-            bad = self.guard.found_inf(loss, self.params)
+            bad = self.guard.found_inf(self.step + 1, loss, self.params, self.last_good)
             self.optimizer.found_inf = bad  # type: ignore[attr-defined]  # read by the fused kernels and LARS
             self.optimizer.step()
         self.scheduler.step()
@@ -273,9 +273,9 @@ class Trainer:
             with autocast(self.precision):
                 out: StepOutput = self.train_model(views, self.generator, self.step, self.steps)
             loss = out.loss.float()
-            self.scaler.scale(loss / self.accu_iter).backward()
+            self.scaler.scale(loss if self.accu_iter == 1 else loss / self.accu_iter).backward()
         with torch.no_grad():
-            acc = (out.logits.argmax(-1) == out.query_labels).float().mean()
+            acc = (out.logits.argmax(-1) == out.query_labels).mean(dtype=torch.float32)
         self.last_scores = (out.logits.detach(), out.query_labels, out.extras)  # for log_scores
         return loss.detach(), acc
 

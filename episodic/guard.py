@@ -58,17 +58,26 @@ class Guard:
         self.skipped = 0  # steps skipped in total (skip mode)
         self.in_a_row = 0  # flagged steps in a row (skip mode)
         self.one = torch.ones((), device=device)
-        self.bad = torch.zeros((), device=device)
 
-    def found_inf(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
-        """``1.0`` when ``loss`` or any gradient of ``params`` is non-finite, else ``0.0`` (a 0-d device tensor,
-        rewritten by the next call)."""
-        self.bad.zero_()
-        # one kernel sets the flag if any entry of the loss or a gradient is inf or nan; it also scales
-        # them by 1 in place (the values stay as they are; the loss is only read after this)
+    def found_inf(self, step: int, loss: Tensor, params: Sequence[Tensor], last_good: Callable[[], str]) -> Tensor:
+        """``1.0`` when ``loss`` or any gradient of ``params`` is non-finite, else ``0.0``: a 0-d device tensor,
+        step ``step``'s flag in its row (:meth:`record` keeps it)."""
+        flag = self.row(step, last_good)[0]
+        # one kernel sets the flag (zeroed with its window) if any entry of the loss or a gradient is inf or
+        # nan; it also scales them by 1 in place (the values stay as they are; the loss is only read after)
         checked = [loss.detach().reshape(1), *(p.grad for p in params if p.grad is not None)]
-        torch._amp_foreach_non_finite_check_and_unscale_(checked, self.bad, self.one)
-        return self.bad
+        torch._amp_foreach_non_finite_check_and_unscale_(checked, flag, self.one)
+        return flag
+
+    def row(self, step: int, last_good: Callable[[], str]) -> Tensor:
+        """Step ``step``'s row (zeroed); a full window (nobody logged: a caller of ``train_step`` alone) is
+        checked and started over first."""
+        if self.used == self.window:
+            self.check(step - 1, last_good)
+            self.take()
+        if self.used == 0:
+            self.first_step = step
+        return self.rows[self.used]
 
     def snapshot(self) -> list[Tensor] | None:
         """Copies of the model's floating buffers (skip mode only), to undo a flagged step's forward."""
@@ -87,12 +96,11 @@ class Guard:
     ) -> bool:
         """Keep step ``step``'s flag, loss and accuracy on the device (and, in skip mode, act on the
         flag); ``True`` when the step was skipped."""
-        if self.used == self.window:  # nobody logged (a caller of train_step alone): check, then start over
-            self.check(step - 1, last_good)
-            self.take()
-        if self.used == 0:
-            self.first_step = step
-        torch.stack([bad.reshape(()), loss.reshape(()), acc.reshape(())], out=self.rows[self.used])
+        row = self.row(step, last_good)
+        if bad.data_ptr() == row.data_ptr():  # found_inf wrote it in place
+            torch.stack([loss.reshape(()), acc.reshape(())], out=row[1:])
+        else:
+            torch.stack([bad.reshape(()), loss.reshape(()), acc.reshape(())], out=row)
         self.used += 1
         if not self.skip:
             return False
@@ -120,7 +128,8 @@ class Guard:
     def take(self) -> Tensor:
         """The rows kept since the last call (``[steps, 3]``: flag, loss, accuracy; on the host, one
         read), and start a new window: the loop logs their means."""
-        rows = self.rows[: self.used].cpu()
+        rows = self.rows[: self.used].to("cpu", copy=True)  # a copy on the CPU too: the rows are zeroed next
+        self.rows.zero_()  # found_inf only ever sets a flag
         self.used = 0
         return rows
 

@@ -51,3 +51,30 @@ def test_n_way_must_divide_batch() -> None:
 def test_view_count_must_match() -> None:
     with pytest.raises(EpisodicError, match="got 3 views"):
         ViewSampler(1, 1)(torch.randn(3, 8, 4))
+
+
+def test_joined_support_and_query_of_one_episode_are_a_view_of_the_batch() -> None:
+    """One episode's support and query views lie back to back in the batch of views, and their embeddings
+    in the encoder's output: joining them copies nothing (a view) and still gives ``torch.cat``'s values;
+    anything else is ``torch.cat``. The gradient reaches every row either way."""
+    from episodic.tasks.episode import joined
+
+    views = torch.randn(2, 5, 3)
+    ep = ViewSampler(1, 1)(views)
+    flat = joined([ep.support.flatten(0, 1), ep.query.flatten(0, 1)], 0)
+    assert flat.data_ptr() == views.data_ptr() and torch.equal(flat, views.flatten(0, 1))
+
+    z = torch.randn(10, 4, requires_grad=True)
+    zz = z * 2
+    s, q = zz[:5].view(1, 5, 4), zz[5:].view(1, 5, 4)
+    both = joined([s, q], 1)
+    assert both.data_ptr() == zz.data_ptr() and torch.equal(both, torch.cat([s, q], 1))
+    w = torch.randn(1, 10, 4)
+    (both * w).sum().backward()
+    assert torch.equal(z.grad, 2 * w[0])
+
+    two = ViewSampler(1, 1, n_way=5)(torch.randn(2, 10, 3))  # two episodes: per episode, not back to back
+    e = zz.view(2, 5, 4)
+    for parts, dim in (([e[:, :2], e[:, 2:]], 1), ([zz[5:], zz[:5]], 0), ([two.support, two.query], 1)):
+        out = joined(parts, dim)
+        assert torch.equal(out, torch.cat(parts, dim)) and out.data_ptr() != zz.data_ptr()

@@ -66,9 +66,10 @@ def test_contrastive_scores_are_class_logsumexp() -> None:
         assert logits[0, j, k].item() == pytest.approx(ref.item(), abs=1e-10)
 
 
+@pytest.mark.parametrize("n_supp", [1, 3])  # one shot: prototypes on the unit sphere (Geometry.unit)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_protonet_against_loop(metric: str) -> None:
-    _, ep = episode(n_supp=3, n_query=2, b=4, d=6)
+def test_protonet_against_loop(metric: str, n_supp: int) -> None:
+    _, ep = episode(n_supp=n_supp, n_query=2, b=4, d=6)
     tau = 0.7
     out = ProtoNetHead(temperature=tau, metric=metric).double()(ep)
     s, q = F.normalize(ep.support[0], dim=-1), F.normalize(ep.query[0], dim=-1)
@@ -84,6 +85,41 @@ def test_protonet_against_loop(metric: str) -> None:
     assert torch.allclose(out.logits[0], ref, atol=1e-12)
     ce = -ref.log_softmax(-1)[torch.arange(len(q)), ep.query_labels[0]].mean()
     assert out.loss.item() == pytest.approx(ce.item(), abs=1e-12)
+
+
+def test_unit_rows_is_normalize_with_its_gradient() -> None:
+    """The hand-written backward of the head's L2 normalisation against autograd's of ``F.normalize``, in
+    float64, on ordinary rows, a zero row and a row shorter than ``eps`` (the clamp: no radial term)."""
+    from episodic.heads.base import unit_rows
+
+    x = torch.randn(2, 5, 7, dtype=torch.float64)
+    x[0, 0], x[0, 1] = 0.0, 1e-13
+    g = torch.randn_like(x)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (unit_rows(a) * g).sum().backward()
+    (F.normalize(b, dim=-1) * g).sum().backward()
+    assert torch.equal(unit_rows(x), F.normalize(x, dim=-1))
+    assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(unit_rows, (x[1:].clone().requires_grad_(True),))
+
+
+def test_one_shot_class_logits_are_the_class_logsumexp() -> None:
+    """One support example per class, labels in any order: each class's logit is its column (a scatter)."""
+    from episodic.heads.contrastive import class_logits, class_logsumexp
+
+    sim = torch.randn(2, 3, 4, dtype=torch.float64)
+    labels = torch.stack([torch.randperm(4), torch.randperm(4)])
+    assert torch.allclose(class_logits(sim, labels, 4), class_logsumexp(sim, labels, 4), atol=1e-12)
+    two = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 1]])  # two shots: the log-sum-exp
+    assert torch.allclose(class_logits(sim, two, 2), class_logsumexp(sim, two, 2), atol=1e-12)
+
+
+def test_an_unsolvable_ridge_system_is_non_finite_not_an_error() -> None:
+    """A zero pivot (here ``gram = -lam I``) gives inf/NaN for the guard to catch, no exception, no host read."""
+    from episodic.heads.r2d2 import _ridge_solve
+
+    out = _ridge_solve(-0.5 * torch.eye(3).expand(2, 3, 3), torch.ones(2, 3, 1), 0.5)
+    assert not torch.isfinite(out).all()
 
 
 def test_r2d2_primal_equals_dual_equals_numpy() -> None:

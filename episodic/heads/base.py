@@ -168,6 +168,33 @@ def prototypes(x: Tensor, weights: Tensor, min_mass: float = 1.0) -> Tensor:
     return label_constant(make, ("share", min_mass), weights).transpose(1, 2) @ x
 
 
+class _UnitRows(torch.autograd.Function):
+    """``y = x / max(||x||, eps)`` over the last dimension, as :func:`torch.nn.functional.normalize` computes
+    it, with a hand-written backward: ``dx = (g - y (g . y) [||x|| > eps]) / max(||x||, eps)``. Autograd's
+    backward of the composite launches about fifteen kernels (the norm's backward alone is ten); this is
+    six, and the forward three."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, eps: float) -> Tensor:
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+        y = x / n
+        ctx.save_for_backward(y, n)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        y, n = ctx.saved_tensors
+        # below eps the norm is a constant (the clamp): no radial term
+        along = (g * y).sum(-1, keepdim=True) * (n > ctx.eps)
+        return torch.addcmul(g, y, along, value=-1) / n, None
+
+
+def unit_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows of ``x`` scaled to unit L2 norm (``F.normalize(x, dim=-1)``, fewer kernels forward and backward)."""
+    return _UnitRows.apply(x, eps)
+
+
 def full_precision(x: Tensor) -> Tensor:
     """Half-precision tensors (autocast output) -> float32; float32/float64 pass through."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -213,7 +240,7 @@ class Head(nn.Module):
 
     def l2(self, x: Tensor) -> Tensor:
         """The head's L2 normalisation, unless a variant standardises embeddings instead."""
-        return x if self.replaces_l2 else F.normalize(x, dim=-1)
+        return x if self.replaces_l2 else unit_rows(x)
 
     def min_logit(self) -> float | None:
         """A lower bound of every logit the head can produce (``None``: unbounded); DCL's floor."""
@@ -277,6 +304,12 @@ class LogitScale(nn.Module):
     def forward(self, logits: Tensor) -> Tensor:
         return logits * self.init if self.log_gain is None else logits * (self.init * self.log_gain.exp())
 
+    def affine(self, x: Tensor, a: float, b: float) -> Tensor:
+        """``scale * (a x + b)``; a constant scale folds into two kernels, whose backward is one."""
+        if self.log_gain is None:
+            return x.mul(a * self.init).add_(b * self.init)
+        return self(x * a + b)
+
 
 # ================================================================= kernel heads
 @dataclass
@@ -295,6 +328,8 @@ class Pairs:
         n_way: classes in the episode.
         positive: ``[E, A]`` the column holding all of each anchor's target mass, when every anchor
             has a single positive (``None`` otherwise; dropped when a variant adds columns).
+        unit: every anchor and candidate row has unit L2 norm (the head normalised them; one-example
+            prototypes); dropped when a variant adds columns.
     """
 
     anchors: Tensor
@@ -306,6 +341,7 @@ class Pairs:
     support_labels: Tensor
     n_way: int
     positive: Tensor | None = None
+    unit: bool = False
 
     def replace(self, **changes: Any) -> Pairs:
         return replace(self, **changes)
@@ -316,21 +352,43 @@ class Pairs:
         return torch.ones(self.targets.shape, dtype=torch.bool, device=self.targets.device)
 
 
+_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _one(like: Tensor) -> Tensor:
+    """A 0-d ``1`` of ``like``'s dtype and device, made once (no kernel per step)."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    key = (like.dtype, like.device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones((), dtype=like.dtype, device=like.device)
+    return _ONES[key]
+
+
 class Geometry:
     """Dot products and squared norms of anchor/candidate pairs (every kernel is a function of them).
 
     ``dot [E, A, C]``, ``na`` broadcastable to it (``[E, A, 1]``), ``nc`` (``[E, 1, C]``). Built from
     rows (:meth:`of`), the norms are computed when first read: the plain dot-product kernels never do.
+    ``unit``: the rows have unit norm, so both norms are the constant 1. Their gradient would be radial,
+    which the normalisation's backward removes: a kernel reads 1 instead and launches nothing for them.
     """
 
     def __init__(
-        self, dot: Tensor, na: Tensor | None = None, nc: Tensor | None = None, rows: tuple[Tensor, Tensor] | None = None
+        self,
+        dot: Tensor,
+        na: Tensor | None = None,
+        nc: Tensor | None = None,
+        rows: tuple[Tensor, Tensor] | None = None,
+        unit: bool = False,
     ) -> None:
-        self.dot, self._na, self._nc, self._rows = dot, na, nc, rows
+        self.dot, self._na, self._nc, self._rows, self.unit = dot, na, nc, rows, unit
+        if unit:
+            self._na = self._nc = _one(dot)
 
     @staticmethod
-    def of(a: Tensor, c: Tensor) -> Geometry:
-        return Geometry(a @ c.transpose(-1, -2), rows=(a, c))
+    def of(a: Tensor, c: Tensor, unit: bool = False) -> Geometry:
+        return Geometry(a @ c.transpose(-1, -2), rows=(a, c), unit=unit)
 
     @property
     def na(self) -> Tensor:
@@ -410,8 +468,8 @@ class KernelHead(Head):
             for v in self.active_variants:
                 pairs = v.add_columns(pairs)
             if pairs.targets is not targets:  # new columns with target mass: no single positive any more
-                pairs = pairs.replace(positive=None)
-        geo = Geometry.of(pairs.anchors, pairs.cands)
+                pairs = pairs.replace(positive=None, unit=False)
+        geo = Geometry.of(pairs.anchors, pairs.cands, pairs.unit)
         transformed = False
         extras: dict[str, Tensor] = {}
         if self.training:

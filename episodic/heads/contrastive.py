@@ -47,7 +47,7 @@ from episodic.heads.base import (
     pad_columns,
     query_targets,
 )
-from episodic.tasks.episode import Episode
+from episodic.tasks.episode import Episode, joined
 
 
 def class_logsumexp(sim: Tensor, labels: Tensor, n_way: int) -> Tensor:
@@ -55,6 +55,15 @@ def class_logsumexp(sim: Tensor, labels: Tensor, n_way: int) -> Tensor:
     m = sim.amax(-1, keepdim=True).detach()
     mass = (sim - m).exp() @ one_hot(labels, n_way, sim.dtype)
     return mass.clamp_min(torch.finfo(sim.dtype).tiny).log() + m
+
+
+def class_logits(sim: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """The class logits of :func:`class_logsumexp`, detached (accuracy and histograms). With one support
+    example per class (``n_way`` columns, each label once) a class's logit is its column's: one scatter."""
+    sim = sim.detach()
+    if sim.shape[-1] != n_way:
+        return class_logsumexp(sim, labels, n_way)
+    return torch.empty_like(sim).scatter_(-1, labels.unsqueeze(1).expand_as(sim), sim)
 
 
 def soft_positive_targets(labels: Tensor, soft: Tensor) -> Tensor:
@@ -107,7 +116,7 @@ class ContrastiveHead(KernelHead):
 
     def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
         ns = episode.support.shape[1]
-        z = self.l2(full_precision(torch.cat([episode.support, episode.query], 1)))
+        z = self.l2(full_precision(joined([episode.support, episode.query], 1)))
         support = z[:, :ns]
         mem = self.l2(expand_memory(memory, z)) if memory is not None else None
         k = 0 if mem is None else mem.shape[1]
@@ -143,7 +152,7 @@ class ContrastiveHead(KernelHead):
             qs = self.kernel(Geometry.of(pairs.anchors[:, rows], support))
         else:
             qs = logits[:, rows, cols]
-        return HeadOutput(loss=loss, logits=class_logsumexp(qs, episode.support_labels, episode.n_way), extras=extras)
+        return HeadOutput(loss=loss, logits=class_logits(qs, episode.support_labels, episode.n_way), extras=extras)
 
     def label_terms(
         self, episode: Episode, dtype: torch.dtype, k: int

@@ -35,7 +35,7 @@ from episodic.heads.base import (
     prototypes,
     query_targets,
 )
-from episodic.tasks.episode import Episode
+from episodic.tasks.episode import Episode, joined
 
 
 @HEADS.register("protonet")
@@ -54,15 +54,24 @@ class ProtoNetHead(KernelHead):
         self.normalize, self.metric = normalize, metric
         self.scale = LogitScale(1.0 / temperature, learn=learn_scale)
 
+    @property
+    def unit_rows(self) -> bool:
+        """Whether :meth:`norm` gives unit rows."""
+        return (self.normalize or self.metric == "cosine") and not self.replaces_l2
+
     def norm(self, x: Tensor) -> Tensor:
         return self.l2(x) if (self.normalize or self.metric == "cosine") else x
 
     def _cos(self, geo: Geometry) -> Tensor:
+        if geo.unit:
+            return geo.dot
         return geo.dot / (geo.na * geo.nc).sqrt().clamp_min(1e-12)
 
     def base_kernel(self, geo: Geometry) -> Tensor:
         if self.metric == "cosine":
             return self.scale(self._cos(geo))
+        if geo.unit:  # -||q - c||^2 = 2 q.c - 2 on the unit sphere
+            return self.scale.affine(geo.dot, 2.0, -2.0)
         # -||q - c||^2 = 2 q.c - ||q||^2 - ||c||^2
         return self.scale(2 * geo.dot - geo.na - geo.nc)
 
@@ -85,7 +94,7 @@ class ProtoNetHead(KernelHead):
 
     def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
         # one normalisation of every row (fewer kernels than two)
-        both = self.norm(full_precision(torch.cat([episode.support, episode.query], 1)))
+        both = self.norm(full_precision(joined([episode.support, episode.query], 1)))
         s, q = both.split([episode.support.shape[1], episode.query.shape[1]], 1)
         c = prototypes(s, one_hot(episode.support_labels, episode.n_way, s.dtype))
         k = 0
@@ -104,8 +113,9 @@ class ProtoNetHead(KernelHead):
             support_labels=episode.support_labels,
             n_way=episode.n_way,
             positive=episode.query_labels if episode.mix_weight is None else None,
+            unit=self.unit_rows and episode.n_supp == 1,  # a prototype of one normalised row is one
         )
         loss, extras, logits, transformed = self.pair_loss(pairs)
         n = episode.n_way
-        raw = self.kernel(Geometry.of(q, c[:, :n])) if transformed else logits[..., :n]
+        raw = self.kernel(Geometry.of(q, c[:, :n], pairs.unit)) if transformed else logits[..., :n]
         return HeadOutput(loss=loss, logits=raw, extras=extras)

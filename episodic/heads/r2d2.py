@@ -47,17 +47,29 @@ from episodic.heads.base import (
     pad_columns,
     query_targets,
 )
-from episodic.tasks.episode import Episode
+from episodic.tasks.episode import Episode, joined
 
 
 def _ridge_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
     """``(gram + lam I)^{-1} rhs`` by an LU solve, whose backward is one more solve with the same factors
-    (a Cholesky factorisation's backward launches about twice the kernels). A system that cannot be
-    solved (non-finite embeddings of a diverging run) gives NaN, not an exception, so the non-finite
-    guard names the step; no host read either way."""
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    x, info = torch.linalg.solve_ex(gram + lam * eye, rhs)
-    return torch.where((info == 0).view(-1, 1, 1), x, torch.nan)
+    (a Cholesky factorisation's backward launches about twice the kernels). No host read and no exception:
+    a system that cannot be solved (a zero pivot; non-finite embeddings of a diverging run) comes out
+    inf or NaN, which the non-finite guard catches and names the step of."""
+    return torch.linalg.solve_ex(gram + _ridge(gram, lam), rhs).result
+
+
+_RIDGES: dict[tuple[int, float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _ridge(like: Tensor, lam: float) -> Tensor:
+    """``lam I`` of ``like``'s size, dtype and device: made once, not every step."""
+    key = (like.shape[-1], lam, like.dtype, like.device)
+    if torch.compiler.is_compiling() or key not in _RIDGES:
+        eye = lam * torch.eye(key[0], dtype=like.dtype, device=like.device)
+        if torch.compiler.is_compiling():
+            return eye
+        _RIDGES[key] = eye
+    return _RIDGES[key]
 
 
 def ridge_weights(
@@ -144,7 +156,7 @@ class R2D2Head(Head):
 
     def forward(self, episode: Episode, memory: Tensor | None = None) -> HeadOutput:
         # one normalisation of every row (fewer kernels than two)
-        both = self.norm(full_precision(torch.cat([episode.support, episode.query], 1)))
+        both = self.norm(full_precision(joined([episode.support, episode.query], 1)))
         s, q = both.split([episode.support.shape[1], episode.query.shape[1]], 1)
         n = episode.n_way
         y = one_hot(episode.support_labels, n, s.dtype)

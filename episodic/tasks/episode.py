@@ -11,12 +11,38 @@ augmentations act on images and heads act on embeddings with one type.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def joined(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat(parts, dim)``, without the copy when the parts already lie back to back in one buffer
+    and cover it: the support and query rows of a single episode are slices of one batch of views, and
+    their embeddings slices of one encoder pass (a view of that buffer, so autograd sees no copy either).
+    """
+    base = parts[0]._base
+    if (
+        torch.compiler.is_compiling()  # the compiled graph removes the copy itself
+        or base is None
+        or not base.is_contiguous()
+        or math.prod(parts[0].shape[:dim]) != 1  # leading dimensions of size 1: the parts are memory blocks
+        or sum(p.numel() for p in parts) != base.numel()
+    ):
+        return torch.cat(parts, dim)
+    at = base.data_ptr()
+    for p in parts:
+        same = p._base is base and p.dtype == base.dtype and p.shape[dim + 1 :] == parts[0].shape[dim + 1 :]
+        if not same or not p.is_contiguous() or p.data_ptr() != at:
+            return torch.cat(parts, dim)
+        at += p.numel() * p.element_size()
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return base.view(shape)
 
 
 @dataclass
@@ -84,7 +110,7 @@ class Episode:
         e, ns = self.support.shape[:2]
         nq = self.query.shape[1]
         if support_encoder is None:
-            flat = torch.cat([self.support.flatten(0, 1), self.query.flatten(0, 1)])
+            flat = joined([self.support.flatten(0, 1), self.query.flatten(0, 1)], 0)
             z = encoder(flat)
             zs, zq = z[: e * ns], z[e * ns :]
         else:
