@@ -434,3 +434,36 @@ def test_claims_report_pairs_each_arm_with_its_baseline(tmp_path: Path) -> None:
     assert "<!-- findings -->\nquery mixing: explained here\n<!-- /findings -->" in text and "old tail" not in text
     assert (tmp_path / "docs" / "results_curves.png").stat().st_size > 1000
     assert doc.read_text() == text
+
+
+def test_seeds_report_means_intervals_and_verdicts(tmp_path: Path) -> None:
+    """benchmarks/seeds_report.py: per-seed rows, the mean with its Student-t interval, a verdict per setting
+    against a reference (apart or overlapping intervals), the distance to a goal, and the curves figure."""
+    import seeds_report
+
+    runs = []
+    for seed, acc in enumerate((90.0, 91.0, 92.0)):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        fewshot = {s: {"mean": acc + i, "ci95": 0.3} for i, s in enumerate(seeds_report.SETTINGS)}
+        curve = [{"step": k * 10, "seconds": k * 60.0, "5way1shot": {"mean": acc - 3 + k}} for k in range(4)]
+        result = {"config": {"seed": seed}, "steps": 100 + seed, "train_seconds": 1800.2, "fewshot": fewshot}
+        (run / "result.json").write_text(
+            json.dumps({**result, "curve": curve, "machine": "cpu, 2 cores", "command": "python x"})
+        )
+        runs.append(str(run))
+    fig = tmp_path / "curves.png"
+    args = seeds_report.parse_args(
+        [*runs, "--against", "85", "91", "95", "93", "--against-half", "1", "0.5", "0.5", "0.5"]
+        + ["--against-name", "ref", "--goal", "96", "99", "90", "97", "--figure", str(fig)]
+    )
+    text = seeds_report.report([seeds_report.load(Path(r)) for r in runs], args)
+    # means 91 / 92 / 93 / 94, each with the t interval of (-1, 0, +1): 4.303 / sqrt(3) = 2.48
+    means = "**91.0 ± 2.5** | **92.0 ± 2.5** | **93.0 ± 2.5** | **94.0 ± 2.5**"
+    assert f"| mean of 3 (95% t interval) | | | {means} |" in text
+    assert "| against ref | | | +6.0 (above) | +1.0 (overlaps) | -2.0 (overlaps) | +1.0 (overlaps) |" in text
+    assert "| to goal | | | -5.0 | -7.0 | +3.0 | -3.0 |" in text
+    assert "| 1 | 101 | 1800 | 91.0 ± 0.3 |" in text and "cpu, 2 cores" in text
+    seeds_report.plot([seeds_report.load(Path(r)) for r in runs], args)
+    assert fig.stat().st_size > 10_000
+    assert seeds_report.verdict(80.0, 1.0, 85.0, 1.0) == "below"
