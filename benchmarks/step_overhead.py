@@ -29,7 +29,6 @@ every step gets the fixed views.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 
-from episodic.profiling import profile_step
+from episodic.profiling import bare_step_fn, profile_step
 
 
 def make_trainer(
@@ -66,28 +65,6 @@ def make_trainer(
     ]
     cfg = compose_config("train", overrides)
     return Trainer(cfg, tmp)
-
-
-def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
-    """A step of the encoder alone on ``views [2, B, ...]``: plain dot-product loss, same optimizer type."""
-    from episodic.optim import build_optimizer
-
-    encoder = copy.deepcopy(trainer.model.encoder)
-    params = dict(trainer.cfg.optim.optimizer)
-    opt = build_optimizer(encoder, **params)
-    flat = views.flatten(0, 1)
-    if trainer.channels_last:  # the trainer's encoder runs NHWC (channels_last=true): the bare step does too
-        flat = flat.contiguous(memory_format=torch.channels_last)
-    b = views.shape[1]
-
-    def step() -> None:
-        z = encoder(flat)
-        loss = -(z[:b] * z[b:]).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

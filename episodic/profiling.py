@@ -150,3 +150,28 @@ def profile_step(fn: Callable[[], Any], device: torch.device | str = "cpu") -> S
     else:
         peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     return StepProfile(mode.ops, mode.syncs, peak, mode.dispatched)
+
+
+def bare_step_fn(trainer: Any, views: torch.Tensor) -> Callable[[], None]:
+    """A step of ``trainer``'s encoder alone on ``views [2, B, ...]``: a plain dot-product loss and the same
+    optimizer type, in the trainer's memory format; what the trainer's step is measured against (its
+    operators and time beyond this are the step's overhead)."""
+    import copy
+
+    from episodic.optim import build_optimizer
+
+    encoder = copy.deepcopy(trainer.model.encoder)
+    opt = build_optimizer(encoder, **dict(trainer.cfg.optim.optimizer))
+    flat = views.flatten(0, 1)
+    if trainer.channels_last:  # the trainer's encoder runs NHWC (channels_last=true): the bare step does too
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    b = views.shape[1]
+
+    def step() -> None:
+        z = encoder(flat)
+        loss = -(z[:b] * z[b:]).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from episodic.profiling import profile_step
+from episodic.profiling import bare_step_fn, profile_step
 from golden import CASES, COMMON, MOCO
 from helpers import make_cfg
 
@@ -59,28 +59,6 @@ def test_svm_step_reads_the_host_once(tmp_path: Path, case: str) -> None:
     assert 0 < solver.last_iters <= solver.budget
 
 
-def bare_ops(trainer: object, views: torch.Tensor) -> int:
-    """Operators of a step of the trainer's encoder alone on ``views [2, B, ...]``: a dot-product loss and
-    the same optimizer type (what ``benchmarks/step_overhead.py`` calls the bare step)."""
-    import copy
-
-    from episodic.optim import build_optimizer
-
-    encoder = copy.deepcopy(trainer.model.encoder)  # type: ignore[attr-defined]
-    opt = build_optimizer(encoder, **dict(trainer.cfg.optim.optimizer))  # type: ignore[attr-defined]
-    flat, b = views.flatten(0, 1), views.shape[1]
-
-    def step() -> None:
-        z = encoder(flat)
-        loss = -(z[:b] * z[b:]).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()
-    return profile_step(step).n_ops
-
-
 @pytest.mark.parametrize(("head", "bound"), [("contrastive", 1.3), ("protonet", 1.3), ("r2d2", 1.6)])
 def test_step_launches_few_operators_beyond_the_bare_step(tmp_path: Path, head: str, bound: float) -> None:
     """conv4 (the backbone with the fewest operators, so the strictest ratio), one-shot views, steady state:
@@ -93,8 +71,10 @@ def test_step_launches_few_operators_beyond_the_bare_step(tmp_path: Path, head: 
     views = torch.rand(2, 16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         trainer.train_step(views)
-    ops = profile_step(lambda: trainer.train_step(views)).n_ops
-    assert ops <= bound * bare_ops(trainer, views), (ops, dict(profile_step(lambda: trainer.train_step(views)).ops))
+    bare = bare_step_fn(trainer, views)
+    bare()
+    ops, bare_ops = profile_step(lambda: trainer.train_step(views)).n_ops, profile_step(bare).n_ops
+    assert ops <= bound * bare_ops, (ops, bare_ops)
 
 
 @pytest.mark.slow
