@@ -352,17 +352,22 @@ class Pairs:
         return torch.ones(self.targets.shape, dtype=torch.bool, device=self.targets.device)
 
 
-_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+_CONSTANT_TENSORS: dict[Hashable, Tensor] = {}
+
+
+def constant(make: Callable[[], Tensor], key: Hashable) -> Tensor:
+    """``make()``, a tensor determined by ``key`` alone (its shape, values, dtype and device): made once, so
+    a step launches no kernel for it; made afresh while ``torch.compile`` traces (the graph holds it)."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in _CONSTANT_TENSORS:
+        _CONSTANT_TENSORS[key] = make()
+    return _CONSTANT_TENSORS[key]
 
 
 def _one(like: Tensor) -> Tensor:
-    """A 0-d ``1`` of ``like``'s dtype and device, made once (no kernel per step)."""
-    if torch.compiler.is_compiling():
-        return torch.ones((), dtype=like.dtype, device=like.device)
-    key = (like.dtype, like.device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones((), dtype=like.dtype, device=like.device)
-    return _ONES[key]
+    """A 0-d ``1`` of ``like``'s dtype and device."""
+    return constant(lambda: torch.ones((), dtype=like.dtype, device=like.device), ("one", like.dtype, like.device))
 
 
 class Geometry:

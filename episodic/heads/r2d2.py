@@ -41,6 +41,7 @@ from episodic.heads.base import (
     HeadOutput,
     LogitScale,
     Scoring,
+    constant,
     expand_memory,
     full_precision,
     one_hot,
@@ -58,18 +59,12 @@ def _ridge_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
     return torch.linalg.solve_ex(gram + _ridge(gram, lam), rhs).result
 
 
-_RIDGES: dict[tuple[int, float, torch.dtype, torch.device], Tensor] = {}
-
-
 def _ridge(like: Tensor, lam: float) -> Tensor:
-    """``lam I`` of ``like``'s size, dtype and device: made once, not every step."""
-    key = (like.shape[-1], lam, like.dtype, like.device)
-    if torch.compiler.is_compiling() or key not in _RIDGES:
-        eye = lam * torch.eye(key[0], dtype=like.dtype, device=like.device)
-        if torch.compiler.is_compiling():
-            return eye
-        _RIDGES[key] = eye
-    return _RIDGES[key]
+    """``lam I`` of ``like``'s size, dtype and device (a :func:`~episodic.heads.base.constant`)."""
+    n = like.shape[-1]
+    return constant(
+        lambda: lam * torch.eye(n, dtype=like.dtype, device=like.device), ("ridge", n, lam, like.dtype, like.device)
+    )
 
 
 def ridge_weights(
