@@ -52,9 +52,12 @@ class Guard:
     ) -> None:
         self.model, self.skip, self.max_skips, self.describe = model, skip, max_skips, describe
         self.window = window
-        self.rows = torch.zeros(window, 3, device=device)  # per step since the last log: bad, loss, accuracy
+        self.flags = torch.zeros(window, device=device)  # per step since the last log: 1 where non-finite
+        # per step since the last log: its 0-d loss and accuracy tensors, kept as they are (writing them into
+        # a buffer would be one more kernel a step); stacked once a window, by take()
+        self.kept: list[tuple[Tensor, Tensor]] = []
         self.first_step = 0  # step number of row 0
-        self.used = 0  # rows written since the last log
+        self.used = 0  # steps kept since the last log
         self.skipped = 0  # steps skipped in total (skip mode)
         self.in_a_row = 0  # flagged steps in a row (skip mode)
         self.one = torch.ones((), device=device)
@@ -62,22 +65,22 @@ class Guard:
     def found_inf(self, step: int, loss: Tensor, params: Sequence[Tensor], last_good: Callable[[], str]) -> Tensor:
         """``1.0`` when ``loss`` or any gradient of ``params`` is non-finite, else ``0.0``: a 0-d device tensor,
         step ``step``'s flag in its row (:meth:`record` keeps it)."""
-        flag = self.row(step, last_good)[0]
+        flag = self.flag(step, last_good)
         # one kernel sets the flag (zeroed with its window) if any entry of the loss or a gradient is inf or
         # nan; it also scales them by 1 in place (the values stay as they are; the loss is only read after)
         checked = [loss.detach().reshape(1), *(p.grad for p in params if p.grad is not None)]
         torch._amp_foreach_non_finite_check_and_unscale_(checked, flag, self.one)
         return flag
 
-    def row(self, step: int, last_good: Callable[[], str]) -> Tensor:
-        """Step ``step``'s row (zeroed); a full window (nobody logged: a caller of ``train_step`` alone) is
-        checked and started over first."""
+    def flag(self, step: int, last_good: Callable[[], str]) -> Tensor:
+        """Step ``step``'s flag (a zeroed 0-d view); a full window (nobody logged: a caller of ``train_step``
+        alone) is checked and started over first."""
         if self.used == self.window:
             self.check(step - 1, last_good)
             self.take()
         if self.used == 0:
             self.first_step = step
-        return self.rows[self.used]
+        return self.flags[self.used]
 
     def snapshot(self) -> list[Tensor] | None:
         """Copies of the model's floating buffers (skip mode only), to undo a flagged step's forward."""
@@ -96,11 +99,10 @@ class Guard:
     ) -> bool:
         """Keep step ``step``'s flag, loss and accuracy on the device (and, in skip mode, act on the
         flag); ``True`` when the step was skipped."""
-        row = self.row(step, last_good)
-        if bad.data_ptr() == row.data_ptr():  # found_inf wrote it in place
-            torch.stack([loss.reshape(()), acc.reshape(())], out=row[1:])
-        else:
-            torch.stack([bad.reshape(()), loss.reshape(()), acc.reshape(())], out=row)
+        flag = self.flag(step, last_good)
+        if bad.data_ptr() != flag.data_ptr():  # not found_inf's flag (the fp16 scaler's test)
+            flag.copy_(bad.reshape(()))
+        self.kept.append((loss.reshape(()), acc.reshape(())))
         self.used += 1
         if not self.skip:
             return False
@@ -128,8 +130,12 @@ class Guard:
     def take(self) -> Tensor:
         """The rows kept since the last call (``[steps, 3]``: flag, loss, accuracy; on the host, one
         read), and start a new window: the loop logs their means."""
-        rows = self.rows[: self.used].to("cpu", copy=True)  # a copy on the CPU too: the rows are zeroed next
-        self.rows.zero_()  # found_inf only ever sets a flag
+        if not self.used:
+            return torch.zeros(0, 3)
+        kept = torch.stack([x.to(self.flags.dtype) for pair in self.kept for x in pair]).view(-1, 2)
+        rows = torch.cat([self.flags[: self.used, None], kept], 1).cpu()
+        self.flags.zero_()  # found_inf only ever sets a flag
+        self.kept.clear()
         self.used = 0
         return rows
 
@@ -137,12 +143,11 @@ class Guard:
         """At a log or checkpoint boundary (``step``): read the flags kept since the last log and test
         the model's state (a few host reads); stop on the first flagged step or non-finite tensor."""
         if not self.skip and self.used:
-            rows = self.rows[: self.used].cpu()
-            bad = torch.nonzero(rows[:, 0]).flatten()
+            bad = torch.nonzero(self.flags[: self.used].cpu()).flatten()
             if len(bad):
                 i = int(bad[0])
                 raise EpisodicError(
-                    f"non-finite loss or gradient (loss {float(rows[i, 1])}) at step {self.first_step + i} "
+                    f"non-finite loss or gradient (loss {float(self.kept[i][0])}) at step {self.first_step + i} "
                     f"({self.describe()}); last good checkpoint: {last_good()}; lower optim.optimizer.lr and "
                     "resume from it (resume=PATH), or set train.skip_nonfinite=true to skip such steps"
                 )

@@ -59,11 +59,12 @@ def test_svm_step_reads_the_host_once(tmp_path: Path, case: str) -> None:
     assert 0 < solver.last_iters <= solver.budget
 
 
-@pytest.mark.parametrize(("head", "bound"), [("contrastive", 1.3), ("protonet", 1.3), ("r2d2", 1.6)])
+@pytest.mark.parametrize(("head", "bound"), [("contrastive", 1.3), ("protonet", 1.3), ("r2d2", 1.3)])
 def test_step_launches_few_operators_beyond_the_bare_step(tmp_path: Path, head: str, bound: float) -> None:
     """conv4 (the backbone with the fewest operators, so the strictest ratio), one-shot views, steady state:
     the trainer's operators per step against the bare step's (1.62 / 1.81 / 1.88x before the L2
-    normalisation's own backward, the unit-sphere ProtoNet kernel and the guard's in-place flag)."""
+    normalisation's own backward, the unit-sphere ProtoNet kernel, the guard's in-place flag and the
+    fused ridge; R2D2 read 1.53x before the last)."""
     from episodic.engine import Trainer
 
     cfg = make_cfg(*QUIET, f"head={head}", "backbone=conv4", "channels_last=false")

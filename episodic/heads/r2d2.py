@@ -8,7 +8,8 @@ With support ``S [n, d]``, one-hot targets ``Y [n, k]`` and ridge penalty ``lam`
     logits = scale * (Q W) + bias
 
 Both forms give the same classifier; the head solves whichever system is smaller (``solve="auto"``),
-with a Cholesky factorisation (the matrix is symmetric positive definite for ``lam > 0``).
+with an LU solve. Training without memory rows or variants takes the fused function of
+:mod:`episodic.heads.ridge` (the same logits, its own backward, half the operators).
 
 Names. The metacontrastive reference divides unit-normalised embeddings by sqrt(T) before the
 ridge solve; that leaves the logits unchanged and only rescales the penalty: ``lam_eff = reg * T``
@@ -41,13 +42,13 @@ from episodic.heads.base import (
     HeadOutput,
     LogitScale,
     Scoring,
-    constant,
     expand_memory,
     full_precision,
     one_hot,
     pad_columns,
     query_targets,
 )
+from episodic.heads.ridge import ridge_eye, ridge_logits, uses_primal
 from episodic.tasks.episode import Episode, joined
 
 
@@ -56,15 +57,7 @@ def _ridge_solve(gram: Tensor, rhs: Tensor, lam: float) -> Tensor:
     (a Cholesky factorisation's backward launches about twice the kernels). No host read and no exception:
     a system that cannot be solved (a zero pivot; non-finite embeddings of a diverging run) comes out
     inf or NaN, which the non-finite guard catches and names the step of."""
-    return torch.linalg.solve_ex(gram + _ridge(gram, lam), rhs).result
-
-
-def _ridge(like: Tensor, lam: float) -> Tensor:
-    """``lam I`` of ``like``'s size, dtype and device (a :func:`~episodic.heads.base.constant`)."""
-    n = like.shape[-1]
-    return constant(
-        lambda: lam * torch.eye(n, dtype=like.dtype, device=like.device), ("ridge", n, lam, like.dtype, like.device)
-    )
+    return torch.linalg.solve_ex(gram + ridge_eye(gram, lam), rhs).result
 
 
 def ridge_weights(
@@ -75,8 +68,7 @@ def ridge_weights(
     the memory's targets are never formed: ``S^T Y`` is ``[S^T Y, M^T]`` (a queue of 65536 rows would make
     them 65536 x 65536)."""
     n, d = support.shape[-2:]
-    rows = n + (0 if memory is None else memory.shape[1])
-    primal = d <= rows if solve == "auto" else solve == "primal"
+    primal = uses_primal(n + (0 if memory is None else memory.shape[1]), d, solve)
     if memory is None:
         if primal:
             return _ridge_solve(support.transpose(1, 2) @ support, support.transpose(1, 2) @ targets, lam)
@@ -142,7 +134,9 @@ class R2D2Head(Head):
         return lambda q: self._out(gram(q, support) @ alpha)
 
     def _out(self, raw: Tensor) -> Tensor:
-        logits = self.scale(raw)
+        return self._bias(self.scale(raw))
+
+    def _bias(self, logits: Tensor) -> Tensor:
         return logits if self.bias is None else logits + self.bias
 
     def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
@@ -156,6 +150,13 @@ class R2D2Head(Head):
         n = episode.n_way
         y = one_hot(episode.support_labels, n, s.dtype)
         soft = query_targets(episode, q.dtype)
+        positive = episode.query_labels if episode.mix_weight is None else None
+        if memory is None and not self.active_variants:  # the plain ridge: one fused function
+            primal = uses_primal(s.shape[1], s.shape[2], self.solve)
+            scale = self.scale
+            logits = self._bias(ridge_logits(both, s.shape[1], y, self.lam, scale.init, scale.log_gain, primal))
+            loss, extras = self.target_loss(logits, soft, positive=positive)
+            return HeadOutput(loss=loss, logits=logits, extras=extras)
         s_all, y_all, q_train = s, y, q
         if self.training:
             for v in self.active_variants:
@@ -165,7 +166,6 @@ class R2D2Head(Head):
         k = 0 if mem is None else mem.shape[1]
         classifier = self.fit(s_all, y_all, mem)
         logits = classifier(q_train)
-        positive = episode.query_labels if episode.mix_weight is None else None
         loss, extras = self.target_loss(logits, pad_columns(soft, k), positive=positive)
         raw = logits if q_train is q else classifier(q)
         return HeadOutput(loss=loss, logits=raw[..., :n], extras=extras)
