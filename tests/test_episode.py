@@ -78,3 +78,12 @@ def test_joined_support_and_query_of_one_episode_are_a_view_of_the_batch() -> No
     for parts, dim in (([e[:, :2], e[:, 2:]], 1), ([zz[5:], zz[:5]], 0), ([two.support, two.query], 1)):
         out = joined(parts, dim)
         assert torch.equal(out, torch.cat(parts, dim)) and out.data_ptr() != zz.data_ptr()
+
+
+def test_support_keys_follow_the_support_rows_only() -> None:
+    """A sampler's momentum-encoder keys stay with the episode until its support rows change."""
+    ep = ViewSampler(n_supp=1, n_query=1)(torch.rand(2, 4, 3))
+    keyed = ep.replace(support_keys=torch.ones(4, 2))
+    assert keyed.replace(query=ep.support).support_keys is not None
+    assert keyed.replace(support=ep.query).support_keys is None
+    assert keyed.replace(support=ep.query, support_keys=torch.zeros(4, 2)).support_keys is not None

@@ -116,7 +116,10 @@ def test_the_step_adds_the_pseudo_episode_and_enqueues_only_the_keys(name: str) 
             m.eval()
     views = torch.rand(2, 6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     rows_before = model.method.queue.rows.clone()
+    passes: list[int] = []
+    model.method.momentum_encoder.register_forward_hook(lambda *_: passes.append(1))
     out = model(views)
+    assert len(passes) == 1  # the sampler's keys are the pairing's: one momentum-encoder pass a step
     # the same loss by hand: the instance episode with the queue, plus the shots' episode without it
     head, moco = model.head, model.method
     keys = moco.key(views[0])

@@ -79,10 +79,14 @@ class MoCo(Method):
     def key(self, x: Tensor) -> Tensor:
         return self.momentum_encoder(x)
 
+    def keys(self, episode: Episode) -> Tensor:
+        """The momentum encoder's embeddings of the support images: the sampler's, when it ran that pass."""
+        if episode.support_keys is not None:
+            return episode.support_keys
+        return self.key(episode.support.flatten(0, 1))
+
     def _embed(self, episode: Episode, transform: Embeddings) -> Episode:
-        return episode.embed(
-            lambda x: transform(self.online(x)), support_encoder=lambda x: transform(self.key(x)).detach()
-        )
+        return episode.embed(lambda x: transform(self.online(x)), support=transform(self.keys(episode)).detach())
 
     def embed(self, episode: Episode, transform: Embeddings) -> list[Episode]:
         if not self.symmetric:

@@ -62,6 +62,9 @@ class Episode:
         pseudo_labels: ``[E, n_way * K]`` their classes.
         support_from_memory: the support rows came from the pairing's memory, so the memory is not
             added to this episode's classes again (:meth:`pseudo_episode`).
+        support_keys: ``[E * n_way * n_supp, d]`` the pairing's momentum encoder on these support images,
+            when a sampler ran that pass already (for its own choices): the pairing takes them instead of a
+            second pass. Dropped by :meth:`replace` whenever ``support`` changes.
     """
 
     support: Tensor
@@ -76,12 +79,15 @@ class Episode:
     pseudo_support: Tensor | None = None
     pseudo_labels: Tensor | None = None
     support_from_memory: bool = False
+    support_keys: Tensor | None = None
 
     @property
     def n_episodes(self) -> int:
         return self.support.shape[0]
 
     def replace(self, **changes: Any) -> Episode:
+        if "support" in changes:  # keys of other support images (or embeddings) are not these rows' keys
+            changes.setdefault("support_keys", None)
         return replace(self, **changes)
 
     def pseudo_episode(self) -> Episode:
@@ -97,23 +103,19 @@ class Episode:
             support_from_memory=True,
         )
 
-    def embed(
-        self,
-        encoder: Callable[[Tensor], Tensor],
-        support_encoder: Callable[[Tensor], Tensor] | None = None,
-    ) -> Episode:
+    def embed(self, encoder: Callable[[Tensor], Tensor], support: Tensor | None = None) -> Episode:
         """Run images through ``encoder`` and return the same episode holding embeddings.
 
         With one encoder, support and query go through a single forward (BatchNorm sees every
-        view). ``support_encoder`` (e.g. a momentum encoder) embeds the support set instead.
+        view). ``support`` (``[E * n_way * n_supp, d]``, e.g. a momentum encoder's output): the support
+        rows embedded already; ``encoder`` embeds the queries only.
         """
         e, ns = self.support.shape[:2]
         nq = self.query.shape[1]
-        if support_encoder is None:
+        if support is None:
             flat = joined([self.support.flatten(0, 1), self.query.flatten(0, 1)], 0)
             z = encoder(flat)
             zs, zq = z[: e * ns], z[e * ns :]
         else:
-            zs = support_encoder(self.support.flatten(0, 1))
-            zq = encoder(self.query.flatten(0, 1))
+            zs, zq = support, encoder(self.query.flatten(0, 1))
         return self.replace(support=zs.view(e, ns, -1), query=zq.view(e, nq, -1))

@@ -35,9 +35,10 @@ against the paper's text (only the public code was read).
 Requires ``method=moco`` with a queue (``method.params.queue_size >= K``) and not symmetric; task
 augmentations that change the classes (stage 1: rotate, crop, invert) are refused, since the shots are
 chosen for the sampled images before task augmentations run; query mixing and auxiliary losses apply.
-The selection costs one extra momentum-encoder pass over the key views per step. Under DDP the
-Sinkhorn sums are all-reduced, so every process gets the rows of the assignment one process on the
-global batch would compute.
+The selection's momentum-encoder pass over the key views is also the pairing's: the episode carries the
+keys on (``Episode.support_keys``), as PsCo's code computes its keys once. Under DDP the Sinkhorn sums
+are all-reduced, so every process gets the rows of the assignment one process on the global batch would
+compute.
 """
 
 from __future__ import annotations
@@ -164,11 +165,13 @@ class PsCoSampler(ViewSampler):
         e, n_way = episode.n_episodes, episode.n_way
         pairing = cast(Any, method)  # a momentum encoder (key) and a queue: checked by validate
         with torch.no_grad():
-            keys = pairing.key(episode.support.flatten(0, 1))  # [E * n_way, d]: one key per image
+            keys = pairing.keys(episode)  # [E * n_way, d]: one key per image
             rows = pairing.queue.rows
             shots = rows[self.select(keys, rows, scope)]  # [E * n_way, K, d]
         pseudo = shots.view(e, n_way, self.shots, -1).transpose(1, 2).reshape(e, self.shots * n_way, -1)
-        return episode.replace(pseudo_support=pseudo, pseudo_labels=self.pseudo_labels(e, n_way, views.device))
+        labels = self.pseudo_labels(e, n_way, views.device)
+        # the keys go with the episode: the pairing embeds the support with them, not with a second pass
+        return episode.replace(pseudo_support=pseudo, pseudo_labels=labels, support_keys=keys)
 
     def extra_repr(self) -> str:
         return (
