@@ -124,6 +124,20 @@ PUBLISHED: dict[str, dict[str, object]] = {
         "variant": {},
         "train.steps": 2860,
     },
+    # MoCo's queue with the default episodes on Omniglot (the best row of the val table, docs/benchmarks.md)
+    "omniglot_moco": {
+        "data.name": "omniglot",
+        "sampler.name": "views",
+        "method.name": "moco",
+        "method.params.momentum": 0.99,
+        "method.params.queue_size": 4096,
+        "head.name": "contrastive",
+        "head.params.temperature": 0.2,
+        "head.params.symmetric": False,
+        "task.augment": ["query_mix"],
+        "n_supp": 1,
+        "n_query": 1,
+    },
     # PsCo's pseudo-shots on Omniglot (chosen on the val split, docs/benchmarks.md)
     "omniglot_psco": {
         "data.name": "omniglot",
