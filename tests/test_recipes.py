@@ -14,7 +14,7 @@ from episodic.engine import Trainer
 from episodic.train import train
 from helpers import ROOT, make_cfg
 
-# what each recipe must compose to at full scale (the sources are in each file's header and the README)
+# the Omniglot MoCo recipe's settings, which omniglot_psco shares
 OMNIGLOT_MOCO = {
     "data.name": "omniglot",
     "sampler.name": "views",
@@ -28,6 +28,7 @@ OMNIGLOT_MOCO = {
     "n_supp": 1,
     "n_query": 1,
 }
+# what each recipe must compose to at full scale (the sources are in each file's header and the README)
 PUBLISHED: dict[str, dict[str, object]] = {
     "metacontrastive_simclr": {
         "data.name": "cifar10",
