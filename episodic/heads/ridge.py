@@ -4,15 +4,15 @@ For support rows ``S [n, d]``, query rows ``Q [m, d]`` (one buffer ``X = [S; Q]`
 ridge penalty ``lam`` and the logit scale ``s = init * exp(g)`` (``g``: the learnable log-gain, or none)::
 
     Y_s = s Y
-    dual   (n <= d):  A = S S^T + lam I_n,   a = A^{-1} Y_s,       W = S^T a
-    primal (d < n):   A = S^T S + lam I_d,   W = A^{-1} S^T Y_s
+    dual   (n < d):   A = S S^T + lam I_n,   alpha = A^{-1} Y_s,   W = S^T alpha
+    primal (d <= n):  A = S^T S + lam I_d,   W = A^{-1} S^T Y_s
     Z = Q W                                  (both forms: W = S^T (S S^T + lam I)^{-1} Y_s)
 
 and, for the incoming gradient ``G = dL/dZ`` (``A`` is symmetric, so one more solve with it gives the
 adjoint)::
 
-    dQ = G W^T                dW = Q^T G                dg = sum(G * Z)       (Z is linear in s)
-    dual:    b = A^{-1} S dW,    dS = a (dW - S^T b)^T - b W^T,       dY = s b
+    dQ = G W^T                dW = Q^T G                dg = sum(G * Z)       (Z is proportional to exp(g))
+    dual:    b = A^{-1} S dW,    dS = alpha (dW - S^T b)^T - b W^T,   dY = s b
     primal:  B = A^{-1} dW,      dS = (Y_s - S W) B^T - (S B) W^T,    dY = s S B
 
 Autograd through the same formula launches about twice the operators (every product's two gradient
@@ -70,7 +70,7 @@ class _RidgeLogits(torch.autograd.Function):
             if primal:
                 a = torch.baddbmm(ridge_eye(s, lam), st, s)
                 w = torch.linalg.solve_ex(a, torch.bmm(st, y_s)).result
-                coef = y_s
+                coef = y_s  # what the backward needs besides W: Y_s (primal) or alpha (dual)
             else:
                 a = torch.baddbmm(ridge_eye(st, lam), s, st)
                 coef = torch.linalg.solve_ex(a, y_s).result
@@ -102,7 +102,7 @@ class _RidgeLogits(torch.autograd.Function):
                 if ctx.primal:  # (Y_s - S W) B^T - (S B) W^T; coef is Y_s
                     d = torch.baddbmm(coef, s, w, alpha=-1)
                     torch.baddbmm(torch.bmm(d, b.transpose(1, 2)), sb, wt, alpha=-1, out=dx[:, :n])
-                else:  # a (dW - S^T b)^T - b W^T; coef is a
+                else:  # alpha (dW - S^T b)^T - b W^T; coef is alpha
                     d = torch.baddbmm(dw, s.transpose(1, 2), b, alpha=-1)
                     torch.baddbmm(torch.bmm(coef, d.transpose(1, 2)), b, wt, alpha=-1, out=dx[:, :n])
             if need_y:
