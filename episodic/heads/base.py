@@ -367,9 +367,11 @@ def constant(make: Callable[[], Tensor], key: Hashable) -> Tensor:
     return _CONSTANT_TENSORS[key]
 
 
-def _one(like: Tensor) -> Tensor:
-    """A 0-d ``1`` of ``like``'s dtype and device."""
-    return constant(lambda: torch.ones((), dtype=like.dtype, device=like.device), ("one", like.dtype, like.device))
+def scalar(value: float, like: Tensor) -> Tensor:
+    """A 0-d ``value`` of ``like``'s dtype and device (a :func:`constant`)."""
+    return constant(
+        lambda: torch.full((), value, dtype=like.dtype, device=like.device), ("scalar", value, like.dtype, like.device)
+    )
 
 
 class Geometry:
@@ -391,7 +393,7 @@ class Geometry:
     ) -> None:
         self.dot, self._na, self._nc, self._rows, self.unit = dot, na, nc, rows, unit
         if unit:
-            self._na = self._nc = _one(dot)
+            self._na = self._nc = scalar(1.0, dot)
 
     @staticmethod
     def of(a: Tensor, c: Tensor, unit: bool = False) -> Geometry:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from episodic.heads.base import constant
+from episodic.heads.base import constant, scalar
 
 
 def ridge_eye(like: Tensor, lam: float) -> Tensor:
@@ -48,13 +48,9 @@ def uses_primal(rows: int, dim: int, solve: str) -> bool:
     return dim <= rows if solve == "auto" else solve == "primal"
 
 
-def _zero(like: Tensor) -> Tensor:
-    return constant(lambda: torch.zeros((), dtype=like.dtype, device=like.device), ("zero", like.dtype, like.device))
-
-
 def _scaled(y: Tensor, gain: Tensor | None, init: float) -> Tensor:
     """``init * gain * y`` in one kernel (``gain``: a 0-d tensor, or ``None`` for 1)."""
-    return y * init if gain is None else torch.addcmul(_zero(y), y, gain, value=init)
+    return y * init if gain is None else torch.addcmul(scalar(0.0, y), y, gain, value=init)
 
 
 class _RidgeLogits(torch.autograd.Function):
