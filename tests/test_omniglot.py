@@ -361,6 +361,18 @@ def test_plot_from_in_run_curves(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_linalg_solve_benchmark_ways_agree_with_float64(tmp_path: Path) -> None:
+    """benchmarks/linalg_solve.py on the CPU: every way of doing the ridge's two solves gives the float64
+    answer to float32 accuracy, and a row per way and size is written."""
+    import linalg_solve
+
+    out = tmp_path / "solve.json"
+    linalg_solve.main(["--sizes", "8", "24", "--rhs", "5", "--iters", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["size"], r["way"]) for r in rows] == [(m, w) for m in (8, 24) for w in linalg_solve.WAYS]
+    assert all(r["rel_error"] < 1e-5 and r["ms"] > 0 for r in rows)
+
+
 def test_step_overhead_benchmark_runs_and_reports_ratios(tmp_path: Path) -> None:
     """benchmarks/step_overhead.py on a tiny encoder: a bare step and each head's step, both clocks."""
     import step_overhead

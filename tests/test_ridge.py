@@ -1,6 +1,8 @@
 """The fused ridge logits (episodic/heads/ridge.py): finite differences, and the composite ridge's values and
 gradients through the whole R2D2 head, in both forms, with and without a learnable scale and a bias."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,3 +75,18 @@ def test_fused_head_step_equals_the_composite_head(e: int, n_way: int, d: int, p
     assert torch.allclose(out.logits, logits, rtol=1e-10, atol=1e-12)
     for a, b in zip(grads, ref_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_failed_factorisation_makes_the_logits_nan() -> None:
+    """A Gram matrix that is not positive definite in float32 (rank 2 of 8, a penalty below its rounding):
+    the Cholesky factorisation fails, and the logits are -inf, so the loss is NaN (for the non-finite guard),
+    not the finite values the partial factor gives."""
+    x = torch.randn(1, 12, 2, generator=torch.Generator().manual_seed(0))  # 8 support + 4 query rows, width 2
+    y = F.one_hot(torch.arange(8) % 4, 4).float()[None]
+    lam = 1e-30
+    gram = x[:, :8] @ x[:, :8].transpose(1, 2) + lam * torch.eye(8)
+    low, info = torch.linalg.cholesky_ex(gram)
+    assert info.item() != 0 and torch.cholesky_solve(y, low).isfinite().all()  # what the guard is for
+    logits = ridge_logits(x, 8, y, lam, 1.0, None, primal=False)
+    assert (logits == -math.inf).all()
+    assert F.cross_entropy(logits[0], torch.arange(4)).isnan()

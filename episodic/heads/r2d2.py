@@ -9,7 +9,7 @@ With support ``S [n, d]``, one-hot targets ``Y [n, k]`` and ridge penalty ``lam`
 
 Both forms give the same classifier; the head solves whichever system is smaller (``solve="auto"``),
 with an LU solve. Training without memory rows or variants takes the fused function of
-:mod:`episodic.heads.ridge` (the same logits, its own backward, half the operators).
+:mod:`episodic.heads.ridge` (the same logits by one Cholesky factor, its own backward, half the operators).
 
 Names. The metacontrastive reference divides unit-normalised embeddings by sqrt(T) before the
 ridge solve; that leaves the logits unchanged and only rescales the penalty: ``lam_eff = reg * T``

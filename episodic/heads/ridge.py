@@ -23,6 +23,12 @@ path for a plain linear ridge (no memory rows, no variant); the composite one
 (:func:`episodic.heads.r2d2.ridge_weights`) stays for the rest and for evaluation, and the tests hold the
 two to each other and to finite differences. The products run in float32 (or float64) even under
 autocast: a ridge solve in half precision loses the penalty's digits.
+
+``A`` is symmetric positive definite (``lam > 0``), so it is factored once, by Cholesky, and both solves
+reuse the factor: on a GPU a factorisation is a chain of small kernels, and Cholesky's is about a third of
+LU's time (``benchmarks/linalg_solve.py``). A factorisation that fails (``A`` not positive definite in
+floating point, or non-finite embeddings) would leave finite garbage in the factor: that episode's logits
+are made -inf instead, on the device, so its loss is NaN and the non-finite guard stops (or skips) the step.
 """
 
 from __future__ import annotations
@@ -64,21 +70,23 @@ class _RidgeLogits(torch.autograd.Function):
             s, q = x[:, :n], x[:, n:]
             st = s.transpose(1, 2)
             if primal:
-                a = torch.baddbmm(ridge_eye(s, lam), st, s)
-                w = torch.linalg.solve_ex(a, torch.bmm(st, y_s)).result
+                low, info = torch.linalg.cholesky_ex(torch.baddbmm(ridge_eye(s, lam), st, s))
+                w = torch.cholesky_solve(torch.bmm(st, y_s), low)
                 coef = y_s  # what the backward needs besides W: Y_s (primal) or alpha (dual)
             else:
-                a = torch.baddbmm(ridge_eye(st, lam), s, st)
-                coef = torch.linalg.solve_ex(a, y_s).result
+                low, info = torch.linalg.cholesky_ex(torch.baddbmm(ridge_eye(st, lam), s, st))
+                coef = torch.cholesky_solve(y_s, low)
                 w = torch.bmm(st, coef)
-            z = torch.bmm(q, w)
-        ctx.save_for_backward(x, a, w, coef, z, gain)
+            # + 0 where the factorisation succeeded, -inf where it failed (xlogy(0, 0) = 0, xlogy(k, 0) = -inf):
+            # the check rides on the logits' product, and the loss of a failed episode is NaN for the guard
+            z = torch.baddbmm(torch.xlogy(info, scalar(0.0, x)).view(-1, 1, 1), q, w)
+        ctx.save_for_backward(x, low, w, coef, z, gain)
         ctx.n, ctx.init, ctx.primal = n, init, primal
         return z
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, a, w, coef, z, gain = ctx.saved_tensors
+        x, low, w, coef, z, gain = ctx.saved_tensors
         n = ctx.n
         s, q = x[:, :n], x[:, n:]
         need_x, _, need_y, need_gain = ctx.needs_input_grad[:4]
@@ -90,7 +98,7 @@ class _RidgeLogits(torch.autograd.Function):
             wt = w.transpose(1, 2)
             if need_x or need_y:
                 dw = torch.bmm(q.transpose(1, 2), g)
-                b = torch.linalg.solve_ex(a, dw if ctx.primal else torch.bmm(s, dw)).result
+                b = torch.cholesky_solve(dw if ctx.primal else torch.bmm(s, dw), low)
                 sb = torch.bmm(s, b) if ctx.primal else b  # dL/dY_s
             if need_x:
                 dx = torch.empty_like(x)
