@@ -142,12 +142,18 @@ class _NullWriter:
 
 @dataclass
 class StepStats:
-    """One optimizer step (device tensors, nothing read to the host): the mean loss and query accuracy
-    over its micro-batches, and ``bad`` (1.0 when the loss or a gradient was non-finite)."""
+    """One optimizer step (device tensors, nothing read to the host): the mean loss over its micro-batches,
+    whether each query was classified correctly (``correct``, bool), and ``bad`` (1.0 when the loss or a
+    gradient was non-finite)."""
 
     loss: Tensor
-    acc: Tensor
+    correct: Tensor
     bad: Tensor
+
+    @property
+    def acc(self) -> Tensor:
+        """The query accuracy (a 0-d device tensor; computed when asked, not in the step)."""
+        return self.correct.mean(dtype=torch.float32)
 
 
 class Trainer:
@@ -245,7 +251,7 @@ class Trainer:
         chunks = images.chunk(self.accu_iter, dim=1 if images.dim() == 5 else 0)
         parts = [self.micro_step(chunk, last=i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
         loss = parts[0][0] if len(parts) == 1 else torch.stack([p[0] for p in parts]).mean()
-        acc = parts[0][1] if len(parts) == 1 else torch.stack([p[1] for p in parts]).mean()
+        correct = parts[0][1] if len(parts) == 1 else torch.cat([p[1].reshape(-1) for p in parts])
         if self.scaler.is_enabled():  # fp16: the scaler finds inf gradients and skips the update itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -255,15 +261,16 @@ class Trainer:
             self.optimizer.found_inf = bad  # type: ignore[attr-defined]  # read by the fused kernels and LARS
             self.optimizer.step()
         self.scheduler.step()
-        if not self.guard.record(self.step + 1, loss, acc, bad, before, self.last_good):
+        if not self.guard.record(self.step + 1, loss, correct, bad, before, self.last_good):
             self.model.method.after_step(self.step, self.steps)  # momentum encoders follow the update
-        return StepStats(loss, acc, bad)
+        return StepStats(loss, correct, bad)
 
     def micro_step(self, images: Tensor, last: bool = True) -> tuple[Tensor, Tensor]:
         """Forward and backward of one micro-batch: uint8 images ``[b, C, H, W]`` (augmented here, on
         the device), or views ``[V, b, C, S, S]`` augmented already (``loader.augment=worker|pil``,
         pre-augmented data). The loss is divided by ``accu_iter`` so accumulated gradients are the mean.
-        Returns the detached loss and the query accuracy (device tensors)."""
+        Returns the detached loss and whether each query was classified correctly (device tensors; the
+        accuracy's mean is taken when it is logged, one reduction a log window instead of one a step)."""
         x = images.to(self.device, non_blocking=True)
         views = x if x.dim() == 5 else multi_view(self.augment, x, self.model.sampler.n_views, self.generator)
         model = self.train_model
@@ -275,9 +282,9 @@ class Trainer:
             loss = out.loss.float()
             self.scaler.scale(loss if self.accu_iter == 1 else loss / self.accu_iter).backward()
         with torch.no_grad():
-            acc = (out.logits.argmax(-1) == out.query_labels).mean(dtype=torch.float32)
+            correct = out.logits.argmax(-1) == out.query_labels
         self.last_scores = (out.logits.detach(), out.query_labels, out.extras)  # for log_scores
-        return loss.detach(), acc
+        return loss.detach(), correct
 
     def last_good(self) -> str:
         """The newest checkpoint written (each one was checked finite), for messages."""

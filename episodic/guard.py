@@ -53,8 +53,8 @@ class Guard:
         self.model, self.skip, self.max_skips, self.describe = model, skip, max_skips, describe
         self.window = window
         self.flags = torch.zeros(window, device=device)  # per step since the last log: 1 where non-finite
-        # per step since the last log: its 0-d loss and accuracy tensors, kept as they are (writing them into
-        # a buffer would be one more kernel a step); stacked once a window, by take()
+        # per step since the last log: its 0-d loss and its queries' hits (bool), kept as they are (writing
+        # them into a buffer, or reducing the hits, would be more kernels a step); reduced once a window, by take()
         self.kept: list[tuple[Tensor, Tensor]] = []
         self.first_step = 0  # step number of row 0
         self.used = 0  # steps kept since the last log
@@ -92,17 +92,17 @@ class Guard:
         self,
         step: int,
         loss: Tensor,
-        acc: Tensor,
+        correct: Tensor,
         bad: Tensor,
         before: list[Tensor] | None,
         last_good: Callable[[], str],
     ) -> bool:
-        """Keep step ``step``'s flag, loss and accuracy on the device (and, in skip mode, act on the
-        flag); ``True`` when the step was skipped."""
+        """Keep step ``step``'s flag, loss and hits (``correct``: bool per query, or an accuracy) on the
+        device (and, in skip mode, act on the flag); ``True`` when the step was skipped."""
         flag = self.flag(step, last_good)
         if bad.data_ptr() != flag.data_ptr():  # not found_inf's flag (the fp16 scaler's test)
             flag.copy_(bad.reshape(()))
-        self.kept.append((loss.reshape(()), acc.reshape(())))
+        self.kept.append((loss.reshape(()), correct))
         self.used += 1
         if not self.skip:
             return False
@@ -132,8 +132,14 @@ class Guard:
         read), and start a new window: the loop logs their means."""
         if not self.used:
             return torch.zeros(0, 3)
-        kept = torch.stack([x.to(self.flags.dtype) for pair in self.kept for x in pair]).view(-1, 2)
-        rows = torch.cat([self.flags[: self.used, None], kept], 1).cpu()
+        dtype = self.flags.dtype
+        loss = torch.stack([x for x, _ in self.kept]).to(dtype)
+        hits = [c.reshape(-1) for _, c in self.kept]
+        if len({h.numel() for h in hits}) == 1:  # the usual case: as many queries every step, one reduction
+            acc = torch.stack(hits).mean(1, dtype=dtype)
+        else:
+            acc = torch.stack([h.mean(dtype=dtype) for h in hits])
+        rows = torch.stack([self.flags[: self.used], loss, acc], 1).cpu()
         self.flags.zero_()  # found_inf only ever sets a flag
         self.kept.clear()
         self.used = 0
