@@ -95,6 +95,15 @@ def interleaved(
     return times
 
 
+def in_layout(views: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``views [V, B, C, S, S]`` with the same values, stored as the encoder reads them: NHWC when the trainer
+    runs channels-last (each view's images are then a channels-last batch without a copy), so that neither
+    step pays a layout conversion the other does not (the bare step converts its input once, untimed)."""
+    if not channels_last:
+        return views
+    return views.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
     views = torch.rand(2, args.batch, args.channels, args.size, args.size, generator=g).to(args.device)
@@ -104,7 +113,9 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
             h: make_trainer(h, backbone, args.batch, args.channels, args.size, tmp, args.extra, args.device)
             for h in heads
         }
-        bare = bare_step_fn(next(iter(trainers.values())), views)
+        first = next(iter(trainers.values()))
+        views = in_layout(views, first.channels_last)
+        bare = bare_step_fn(first, views)
         steps = {"bare": bare, **{h: (lambda t=t: t.train_step(views)) for h, t in trainers.items()}}
         times = interleaved(steps, args.warmup, args.rounds, CLOCKS[args.clock], sync)
         profiles = {k: profile_step(fn, args.device) for k, fn in steps.items()} if args.profile else {}

@@ -193,7 +193,7 @@ class Trainer:
             )
         if cfg.train.compile:  # the model's forward (sampler to loss) as compiled graphs; the backward too
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]  # an nn.Module wrapper
-        self.augment = BatchAugment(AugmentConfig(**as_dict(cfg.data.augment))).to(self.device)
+        self.augment = BatchAugment(AugmentConfig(**as_dict(cfg.data.augment)), self.channels_last).to(self.device)
         self.optimizer = build_optimizer(self.model, **as_dict(cfg.optim.optimizer))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.steps = int(cfg.train.steps)

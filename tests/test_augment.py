@@ -284,6 +284,18 @@ def test_same_seed_same_output_and_multi_view():
     assert (v[0] - v[1]).flatten(1).abs().amax(1).min() > 0  # views of one image differ
 
 
+def test_channels_last_output_has_the_same_values():
+    """``channels_last=True`` (the trainer's layout): every op on, with normalisation; the views are NHWC
+    and equal the NCHW pipeline's (the same parameters, the same arithmetic, another memory order)."""
+    x = _images(12, 3, 32, 32)
+    cfg = AugmentConfig(blur_p=0.5, solarize_p=0.3, affine_p=0.5, degrees=20.0, mean=(0.5, 0.4, 0.3), std=(0.2,) * 3)
+    nchw, nhwc = BatchAugment(cfg), BatchAugment(cfg, channels_last=True)
+    a, b = multi_view(nchw, x, 2, _gen(3)), multi_view(nhwc, x, 2, _gen(3))
+    assert a.is_contiguous() and not b.is_contiguous()
+    assert b.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
 def test_pil_transform_same_pipeline():
     for mode, c in (("RGB", 3), ("L", 1)):
         arr = _images(1, c, 40, 36)[0].permute(1, 2, 0).squeeze(-1).numpy()

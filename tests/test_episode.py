@@ -80,6 +80,28 @@ def test_joined_support_and_query_of_one_episode_are_a_view_of_the_batch() -> No
         assert torch.equal(out, torch.cat(parts, dim)) and out.data_ptr() != zz.data_ptr()
 
 
+def test_joined_channels_last_views_are_a_view_too() -> None:
+    """Views stored channels-last (``[V, B, C, S, S]`` whose images are NHWC, as the trainer's encoder reads
+    them): support and query join without a copy, channels-last, with ``torch.cat``'s values. Slices that
+    are not back to back, or parts that need a gradient and are not the whole of a contiguous buffer, are
+    ``torch.cat``."""
+    from episodic.tasks.episode import joined
+
+    views = torch.randn(2, 5, 4, 4, 3).permute(0, 1, 4, 2, 3)  # [2, 5, 3, 4, 4], NHWC images
+    ep = ViewSampler(1, 1)(views)
+    parts = [ep.support.flatten(0, 1), ep.query.flatten(0, 1)]
+    flat = joined(parts, 0)
+    assert flat.data_ptr() == views.data_ptr() and flat.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(flat, torch.cat(parts, 0))
+    assert joined([parts[1], parts[0]], 0).data_ptr() != views.data_ptr()  # out of order: a copy
+    leaf = views.detach().requires_grad_(True)
+    grad_parts = [leaf[0], leaf[1]]
+    out = joined(grad_parts, 0)
+    (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
+    assert torch.equal(out, torch.cat(grad_parts, 0))
+    assert torch.equal(leaf.grad.flatten(0, 1), torch.arange(out.numel()).view(out.shape).float())
+
+
 def test_support_keys_follow_the_support_rows_only() -> None:
     """A sampler's momentum-encoder keys stay with the episode until its support rows change."""
     ep = ViewSampler(n_supp=1, n_query=1)(torch.rand(2, 4, 3))

@@ -339,17 +339,19 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, ksize: int) -> Tensor:
 class BatchAugment(nn.Module):
     """Augment a ``uint8 [B, C, H, W]`` batch on its device, independently per sample.
 
-    ``forward(x, generator)`` returns ``float32 [B, C, size, size]``. ``generator`` must be a CPU
-    ``torch.Generator`` (or ``None`` for the global CPU RNG): parameters are drawn on the CPU and
-    moved to ``x.device``. Float input already in [0, 1] is accepted too.
+    ``forward(x, generator)`` returns ``float32 [B, C, size, size]``, stored channels-last (NHWC) when
+    ``channels_last`` (the layout the trainer's encoder reads: the step then converts nothing).
+    ``generator`` must be a CPU ``torch.Generator`` (or ``None`` for the global CPU RNG): parameters are
+    drawn on the CPU and moved to ``x.device``. Float input already in [0, 1] is accepted too.
     """
 
     mean: Tensor  # buffers [1, C, 1, 1], when cfg.mean is set
     std: Tensor
 
-    def __init__(self, cfg: AugmentConfig | None = None) -> None:
+    def __init__(self, cfg: AugmentConfig | None = None, channels_last: bool = False) -> None:
         super().__init__()
         self.cfg = cfg if cfg is not None else AugmentConfig()
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.ksize = blur_kernel_size(self.cfg)
         if self.cfg.mean is not None:  # buffers: they move with the module, no copy per batch
             self.register_buffer("mean", _channel_stats(self.cfg.mean), persistent=False)
@@ -468,7 +470,7 @@ class BatchAugment(nn.Module):
         wy = _crop_weights(crop[:, 0], crop[:, 2], no_flip, H, S, cfg.interpolation)
         wx = _crop_weights(crop[:, 1], crop[:, 3], crop[:, 4], W, S, cfg.interpolation)
         out = torch.einsum("bth,bchs->bcts", wy, torch.einsum("bchw,bsw->bchs", img, wx))
-        out = out.clamp_(0.0, 1.0).contiguous()
+        out = out.clamp_(0.0, 1.0).contiguous(memory_format=self.layout)  # later steps keep the layout
 
         def apply(key: str, fn: Callable[[Tensor], Tensor]) -> None:
             if key in d:

@@ -20,29 +20,50 @@ import torch
 from torch import Tensor
 
 
-def joined(parts: list[Tensor], dim: int) -> Tensor:
-    """``torch.cat(parts, dim)``, without the copy when the parts already lie back to back in one buffer
-    and cover it: the support and query rows of a single episode are slices of one batch of views, and
-    their embeddings slices of one encoder pass (a view of that buffer, so autograd sees no copy either).
-    """
-    base = parts[0]._base
-    if (
-        torch.compiler.is_compiling()  # the compiled graph removes the copy itself
-        or base is None
-        or not base.is_contiguous()
-        or math.prod(parts[0].shape[:dim]) != 1  # leading dimensions of size 1: the parts are memory blocks
-        or sum(p.numel() for p in parts) != base.numel()
-    ):
-        return torch.cat(parts, dim)
-    at = base.data_ptr()
+def _back_to_back(parts: list[Tensor], dim: int) -> bool:
+    """The parts lie back to back in one storage along ``dim``, each dense (contiguous, or channels-last)
+    with ``dim`` outermost and the same strides as the first: together they are one strided tensor."""
+    first = parts[0]
+    if math.prod(first.shape[:dim]) != 1:  # leading dimensions of size 1: the parts are memory blocks
+        return False
+    storage, at = first.untyped_storage().data_ptr(), first.data_ptr()
     for p in parts:
-        same = p._base is base and p.dtype == base.dtype and p.shape[dim + 1 :] == parts[0].shape[dim + 1 :]
-        if not same or not p.is_contiguous() or p.data_ptr() != at:
-            return torch.cat(parts, dim)
+        dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+        if not (
+            dense
+            and p.untyped_storage().data_ptr() == storage
+            and p.dtype == first.dtype
+            and p.stride() == first.stride()
+            and p.shape[dim + 1 :] == first.shape[dim + 1 :]
+            and p.stride(dim) * p.shape[dim] == p.numel()
+            and p.data_ptr() == at
+        ):
+            return False
         at += p.numel() * p.element_size()
+    return True
+
+
+def joined(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat(parts, dim)``, without the copy when the parts already lie back to back in one buffer:
+    the support and query rows of a single episode are slices of one batch of views (channels-last ones
+    included), and their embeddings slices of one encoder pass. Parts that need a gradient are joined by a
+    view of the buffer they are slices of, so autograd sees no copy either."""
+    if torch.compiler.is_compiling() or not _back_to_back(parts, dim):  # the compiled graph removes the copy
+        return torch.cat(parts, dim)
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
-    return base.view(shape)
+    base = parts[0]._base
+    if (
+        base is not None
+        and base.is_contiguous()
+        and parts[0].is_contiguous()
+        and base.data_ptr() == parts[0].data_ptr()
+        and base.numel() == math.prod(shape)
+    ):
+        return base.view(shape)
+    if not any(p.requires_grad for p in parts):
+        return parts[0].as_strided(shape, parts[0].stride())
+    return torch.cat(parts, dim)
 
 
 @dataclass
