@@ -4,15 +4,16 @@
 #   1. benchmarks/step_overhead.py --profile, one backbone at a time (3x32x32: conv4, resnet18, resnet_tiny;
 #      then 1x28x28: conv4): step time over the bare step, aten ops, host syncs and peak memory per head
 #      (docs/performance.md);
-#   2. benchmarks/compile_speed.py: train.compile=true against eager, images/s and compile time (COMPILE_S > 0);
-#   3. benchmarks/claims.py at 600 steps x 3 seeds, several runs at a time on the one GPU (docs/results.md;
+#   2. benchmarks/linalg_solve.py: the ridge head's two solves, five ways (LINALG_S > 0);
+#   3. benchmarks/compile_speed.py: train.compile=true against eager, images/s and compile time (COMPILE_S > 0);
+#   4. benchmarks/claims.py at 600 steps x 3 seeds, several runs at a time on the one GPU (docs/results.md;
 #      CLAIMS_S > 0; resumable: it continues where a cut-off run stopped).
 #
 #   OUT=runs/gpu DATA=../shared/data bash benchmarks/gpu_checks.sh
 #
 # Environment: OUT (results), RUNS (the claims' run folders, $OUT/claims), DATA (the Omniglot root), DEVICE (cuda),
 # BACKBONES (part 1, 3x32x32), JOBS (claims runs at a time), STEPS, SEEDS, ROUNDS (timed steps per row),
-# OVERHEAD_S / COMPILE_S / CLAIMS_S (time limits of the parts, seconds; 0 skips a part).
+# OVERHEAD_S / LINALG_S / COMPILE_S / CLAIMS_S (time limits of the parts, seconds; 0 skips a part).
 set -u
 OUT=${OUT:-runs/gpu}
 RUNS=${RUNS:-$OUT/claims}
@@ -23,6 +24,7 @@ JOBS=${JOBS:-8}
 STEPS=${STEPS:-600}
 SEEDS=${SEEDS:-0 1 2}
 OVERHEAD_S=${OVERHEAD_S:-300}
+LINALG_S=${LINALG_S:-60}
 COMPILE_S=${COMPILE_S:-200}
 CLAIMS_S=${CLAIMS_S:-300}
 ROUNDS=${ROUNDS:-50}
@@ -44,6 +46,11 @@ if [ "$OVERHEAD_S" -gt 0 ]; then
         overhead "3x32_$bb" --backbones "$bb"
     done
     overhead 1x28_conv4 --backbones conv4 --size 28 --channels 1
+fi
+
+if [ "$LINALG_S" -gt 0 ]; then
+    timeout "$LINALG_S" python3 benchmarks/linalg_solve.py --device "$DEVICE" --json "$OUT/linalg_solve.json" 2>&1 |
+        tee "$OUT/linalg_solve.log"
 fi
 
 if [ "$COMPILE_S" -gt 0 ]; then
