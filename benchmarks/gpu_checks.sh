@@ -30,15 +30,16 @@ CLAIMS_S=${CLAIMS_S:-300}
 ROUNDS=${ROUNDS:-50}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
-torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$OUT/versions.txt"
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
 overhead() {  # name, then step_overhead.py's arguments; within part 1's time left
     local name=$1 left=$((end - SECONDS))
     shift
     [ "$left" -gt 10 ] || { echo "skipped (time): $name"; return; }
     timeout "$left" python3 benchmarks/step_overhead.py --device "$DEVICE" --profile --rounds "$ROUNDS" "$@" \
-        --json "$OUT/overhead_$name.json" 2>&1 | tee "$OUT/overhead_$name.log"
+        --json "$OUT/overhead_$name.json"
 }
 if [ "$OVERHEAD_S" -gt 0 ]; then
     end=$((SECONDS + OVERHEAD_S))
@@ -49,13 +50,12 @@ if [ "$OVERHEAD_S" -gt 0 ]; then
 fi
 
 if [ "$LINALG_S" -gt 0 ]; then
-    timeout "$LINALG_S" python3 benchmarks/linalg_solve.py --device "$DEVICE" --json "$OUT/linalg_solve.json" 2>&1 |
-        tee "$OUT/linalg_solve.log"
+    timeout "$LINALG_S" python3 benchmarks/linalg_solve.py --device "$DEVICE" --json "$OUT/linalg_solve.json"
 fi
 
 if [ "$COMPILE_S" -gt 0 ]; then
     timeout "$COMPILE_S" python3 benchmarks/compile_speed.py --device "$DEVICE" --batch 256 --rounds 30 --warmup 5 \
-        --heads contrastive r2d2 --backbones conv4 resnet18 --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log"
+        --heads contrastive r2d2 --backbones conv4 resnet18 --json "$OUT/compile.json"
 fi
 
 if [ "$CLAIMS_S" -gt 0 ]; then
