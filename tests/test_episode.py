@@ -72,6 +72,8 @@ def test_joined_support_and_query_of_one_episode_are_a_view_of_the_batch() -> No
     w = torch.randn(1, 10, 4)
     (both * w).sum().backward()
     assert torch.equal(z.grad, 2 * w[0])
+    s1, q2 = zz[:4].view(1, 4, 4), zz[4:].view(1, 6, 4)  # more query rows than support rows
+    assert joined([s1, q2], 1).data_ptr() == zz.data_ptr()
 
     two = ViewSampler(1, 1, n_way=5)(torch.randn(2, 10, 3))  # two episodes: per episode, not back to back
     e = zz.view(2, 5, 4)

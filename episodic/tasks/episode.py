@@ -22,7 +22,7 @@ from torch import Tensor
 
 def _back_to_back(parts: list[Tensor], dim: int) -> bool:
     """The parts lie back to back in one storage along ``dim``, each dense (contiguous, or channels-last)
-    with ``dim`` outermost and the same strides as the first: together they are one strided tensor."""
+    with ``dim`` outermost and the first's strides from ``dim`` on: together they are one strided tensor."""
     first = parts[0]
     if math.prod(first.shape[:dim]) != 1:  # leading dimensions of size 1: the parts are memory blocks
         return False
@@ -33,7 +33,7 @@ def _back_to_back(parts: list[Tensor], dim: int) -> bool:
             dense
             and p.untyped_storage().data_ptr() == storage
             and p.dtype == first.dtype
-            and p.stride() == first.stride()
+            and p.stride()[dim:] == first.stride()[dim:]  # the leading dimensions have size 1
             and p.shape[dim + 1 :] == first.shape[dim + 1 :]
             and p.stride(dim) * p.shape[dim] == p.numel()
             and p.data_ptr() == at
