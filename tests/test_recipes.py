@@ -146,7 +146,7 @@ PUBLISHED: dict[str, dict[str, object]] = {
     },
     # MoCo's queue with the default episodes on Omniglot (the best row of the val table, docs/benchmarks.md)
     "omniglot_moco": OMNIGLOT_MOCO,
-    # PsCo's pseudo-shots on Omniglot (chosen on the val split, docs/benchmarks.md): the same and the sampler
+    # PsCo's pseudo-shots on Omniglot (chosen on the val split, docs/benchmarks.md): the shared settings and the sampler
     "omniglot_psco": {**OMNIGLOT_MOCO_QUEUE, "sampler.name": "psco", "sampler.params.shots": 4},
 }
 RECIPES = sorted(PUBLISHED)
