@@ -12,6 +12,7 @@ from episodic.errors import EpisodicError
 from episodic.heads import HEADS
 from episodic.heads.svm import SVMHead
 from episodic.solvers import kkt_residual, project_rows
+from episodic.solvers.base import simplex_rows
 from episodic.solvers.fast import FastSolver
 from episodic.tasks import ViewSampler
 from helpers import make_cfg
@@ -57,7 +58,7 @@ def kkt_violation(alpha: torch.Tensor, support: torch.Tensor, onehot: torch.Tens
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["unit", "raw"])
-@pytest.mark.parametrize("n_way,n_supp,d", [(5, 1, 16), (5, 5, 16), (16, 1, 32)])
+@pytest.mark.parametrize("n_way,n_supp,d", [(5, 1, 16), (5, 5, 16), (16, 1, 32), (5, 4, 6)])  # the last: K v as X (X^T v)
 def test_backends_agree_on_logits_and_gradients(n_way: int, n_supp: int, d: int, normalize: bool) -> None:
     support, labels, query = random_task(n_way, n_supp, d)
     weights = torch.randn(2, 2 * n_way, n_way, dtype=torch.float64)
@@ -161,6 +162,61 @@ def test_projection_matches_bisection_and_is_the_nearest_feasible_point() -> Non
     beta = torch.distributions.Dirichlet(torch.ones(7, dtype=torch.float64)).sample((200, 50)) * C
     q = upper - beta  # [200, 50, 7] feasible points
     assert ((v - got) * (q - got)).sum(-1).max() < 1e-12
+
+
+def test_projection_of_the_largest_entries_is_exact_below_its_width_and_flags_longer_supports() -> None:
+    w = torch.randn(200, 12, dtype=torch.float64) * torch.logspace(-2, 1, 200, dtype=torch.float64)[:, None]
+    C = 0.5
+    full, _ = simplex_rows(w, C)
+    support = (full > 0).sum(-1)
+    assert support.min() == 1 and support.max() > 4  # short and long supports
+    top, margin = simplex_rows(w, C, width=4)
+    assert margin.shape == (200, 4)
+    flagged = margin[:, -1] > 0
+    assert torch.equal(flagged, support >= 4)  # the last sorted entry is in the support exactly then
+    assert torch.allclose(top[~flagged], full[~flagged], atol=1e-14)
+    assert not torch.allclose(top[flagged], full[flagged])  # too narrow: the flag is needed
+
+
+def test_backward_system_condition_bound_holds() -> None:
+    """The backward's CG runs a number of iterations fixed by a bound on its system's largest eigenvalue,
+    ``1 + max_c ||K[F_c, F_c]||_F``: checked against the system's eigenvalues, built densely."""
+    for collapse in (0.0, 1.0, 4.0):
+        support, labels, _ = random_task(6, 3, 5, episodes=1)
+        support = F.normalize(support + collapse * torch.randn(1, 1, 5, dtype=torch.float64), dim=-1)
+        solver = FastSolver(C=0.1, warm_start=False)
+        alpha = solver(support, labels, 6)[0]
+        x, size = support[0], alpha.numel()  # 18 rows x 6 classes
+        free = (alpha < 0.1 * F.one_hot(labels[0], 6).double()).flatten()  # (i, c) row-major, as alpha.flatten()
+        # the Hessian kron(K, I_k) + I on the free entries, and the row sums' constraint removed
+        hessian = torch.kron(x @ x.T, torch.eye(6, dtype=torch.float64)) + torch.eye(size, dtype=torch.float64)
+        rows = torch.arange(size) // 6
+        same_row = (rows[:, None] == rows[None, :]) & free[:, None] & free[None, :]
+        proj = torch.diag(free.double()) - same_row.double() / same_row.sum(1, keepdim=True).clamp_min(1)
+        top = torch.linalg.eigvalsh(proj @ hessian @ proj).max()
+        big_l = torch.linalg.eigvalsh(x @ x.T).max() + 1
+        assert 1 < top <= solver.condition <= big_l * (1 + 1e-4), (collapse, top, solver.condition, big_l)
+    assert solver.condition < 0.9 * big_l  # collapsed embeddings: the free set's bound is below L
+
+
+def test_solver_launches_few_operators_per_iteration() -> None:
+    """What a GPU pays for: each FISTA iteration is one fused gradient step, the projection and the momentum
+    (about 14 operators, the stopping test every 8th); each CG iteration about 16."""
+    from episodic.profiling import profile_step
+
+    support, labels, query = random_task(64, 1, 32, episodes=1)
+    support = support + 3.0 * torch.randn(1, 1, 32, dtype=torch.float64)  # collapsed: about 100 iterations
+    head = SVMHead(warm_start=False).double()
+
+    def step() -> None:
+        s = support.clone().requires_grad_()
+        head.scores(s, labels, query, 64).logsumexp(-1).sum().backward()
+
+    step()
+    prof = profile_step(step)
+    solver = head.solver
+    assert solver.ran >= 60 and solver.cg_iters >= 60 and prof.n_syncs == 1
+    assert prof.n_ops <= 15 * solver.ran + 17 * solver.cg_iters + 500, (prof.n_ops, solver.ran, solver.cg_iters)
 
 
 def test_config_builds_the_head_and_forward_trains_the_scale() -> None:

@@ -39,32 +39,47 @@ def project_rows(v: Tensor, upper: Tensor, C: float, width: int | None = None) -
     """Euclidean projection of every row of ``v [..., k]`` onto ``{a <= upper, sum(a) = 0}``.
 
     ``upper`` is ``C`` at the row's label and ``0`` elsewhere, so ``beta = upper - a`` lives on the
-    simplex ``{beta >= 0, sum(beta) = C}``: ``beta = max(w - theta, 0)`` with ``w = upper - v`` and
-    ``theta`` the root of ``sum(max(w - theta, 0)) = C``. The exact root comes from the sorted entries
-    (Held, Wolfe and Crowder; Duchi et al., 2008): with ``u`` sorted decreasingly and cumulative sums
-    ``S_j``, the support size is ``rho = max{j : u_j > (S_j - C) / j}`` and ``theta = (S_rho - C) / rho``.
-    A fixed number of kernels, no loop and no host read. ``width``: see :func:`project_rows_top`.
+    simplex ``{beta >= 0, sum(beta) = C}``: ``a = upper - simplex_rows(upper - v, C)``. ``width``: see
+    :func:`simplex_rows`.
     """
-    return project_rows_top(v, upper, C, width)[0]
+    return upper - simplex_rows(upper - v, C, width)[0]
 
 
-def project_rows_top(v: Tensor, upper: Tensor, C: float, width: int | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`project_rows` from the ``width`` largest entries of each row only (``topk`` instead of a
-    full sort: the support of ``beta`` is a prefix of the sorted entries, and a few entries of each
-    row at the dual's solution). Exact for every row whose support is shorter than ``width``; returns
-    the projection and the largest support found (0-d): when it equals ``width < k``, some row's support
-    may be longer and the projection must be repeated wider. ``width=None`` or ``>= k``: the full sort,
-    always exact."""
-    w = upper - v
-    k = w.shape[-1]
-    m = k if width is None else min(width, k)
-    u = w.sort(-1, descending=True).values if m == k else w.topk(m, -1).values
-    ranks = torch.arange(1, m + 1, dtype=w.dtype, device=w.device)
-    excess = u.cumsum(-1) - C
-    above = u * ranks > excess  # u_j > (S_j - C) / j, true for a prefix of the sorted entries
-    rho = above.sum(-1, keepdim=True).clamp_min(1)  # >= 1 for finite input (the largest entry qualifies)
-    theta = excess.gather(-1, rho - 1) / rho
-    return upper - (w - theta).clamp_min(0), rho.amax()
+def simplex_rows(w: Tensor, C: float, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Euclidean projection of every row of ``w [..., k]`` onto ``{beta >= 0, sum(beta) = C}``: see
+    :class:`SimplexRows`."""
+    return SimplexRows(w.shape[-1], C, width, w.dtype, w.device)(w)
+
+
+class SimplexRows:
+    """Euclidean projection of every row of ``w [..., k]`` onto the simplex ``{beta >= 0, sum(beta) = C}``,
+    with its constants made once (a solver calls it every iteration).
+
+    ``beta = max(w - theta, 0)``, with ``theta`` the root of ``sum(max(w - theta, 0)) = C``. With the
+    entries ``u`` sorted decreasingly and their cumulative sums ``S_j``, the running threshold
+    ``t_j = (S_j - C) / j`` rises while ``u_j > t_{j-1}`` and falls from the first ``j`` where it does not
+    (``t_j`` is a weighted mean of ``t_{j-1}`` and ``u_j``), so its maximum is at the support size and
+    ``theta = max_j t_j`` exactly (Held, Wolfe and Crowder; Condat, 2016). A fixed number of kernels, no
+    loop, no index arithmetic and no host read.
+
+    ``width``: sort only the ``width`` largest entries of each row (``topk``: a few entries of each row
+    are in the support at the dual's solution). Exact for every row whose support is shorter than
+    ``width``; ``width=None`` (or ``>= k``): the full sort, always exact. A call returns ``beta`` and
+    ``u - theta`` for the sorted entries ``[..., width]``: positive on each row's support, so a positive
+    last entry with ``width < k`` means the support may be longer and the projection must be repeated
+    wider.
+    """
+
+    def __init__(self, k: int, C: float, width: int | None, dtype: torch.dtype, device: torch.device) -> None:
+        self.width = k if width is None else min(width, k)
+        self.full = self.width == k
+        self.inv_ranks = 1 / torch.arange(1, self.width + 1, dtype=dtype, device=device)
+        self.offsets = -C * self.inv_ranks  # t_j = S_j / j - C / j
+
+    def __call__(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        u = w.sort(-1, descending=True).values if self.full else w.topk(self.width, -1).values
+        theta = torch.addcmul(self.offsets, u.cumsum(-1), self.inv_ranks).amax(-1, keepdim=True)
+        return (w - theta).clamp_min(0), u - theta
 
 
 def kernel_matvec(support: Tensor, kernel: Tensor | None, v: Tensor) -> Tensor:
