@@ -58,7 +58,8 @@ def kkt_violation(alpha: torch.Tensor, support: torch.Tensor, onehot: torch.Tens
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["unit", "raw"])
-@pytest.mark.parametrize("n_way,n_supp,d", [(5, 1, 16), (5, 5, 16), (16, 1, 32), (5, 4, 6)])  # the last: K v as X (X^T v)
+# (5, 4, 6): 20 support rows of width 6, so the fast solver computes K v as X (X^T v)
+@pytest.mark.parametrize("n_way,n_supp,d", [(5, 1, 16), (5, 5, 16), (16, 1, 32), (5, 4, 6)])
 def test_backends_agree_on_logits_and_gradients(n_way: int, n_supp: int, d: int, normalize: bool) -> None:
     support, labels, query = random_task(n_way, n_supp, d)
     weights = torch.randn(2, 2 * n_way, n_way, dtype=torch.float64)
