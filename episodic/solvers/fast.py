@@ -202,7 +202,8 @@ class FastSolver(QPSolver):
                 it += 1
                 if it % every == 0 or it == self.max_iter:
                     # the projections the stopping test uses must be exact (a support shorter than width);
-                    # one in between that is not only slows FISTA down
+                    # one in between that is not only slows FISTA down: the certificate
+                    # ||y - alpha*|| <= 2 ||G(y)|| holds for any y, feasible or not
                     reach = torch.maximum(reach, margin)  # positive where a row's support reached (a prefix)
                     # an episode stops at tol, or at a NaN residual (NaN input: NaN for the guard)
                     now = mapping.flatten(1).norm(dim=1) * to_residual
