@@ -194,8 +194,9 @@ class FastSolver(QPSolver):
             start = (it, x, y, out, done, needed, residual)
             project = SimplexRows(k, self.C, self.width, support.dtype, support.device)
             reach = torch.full((e, n, project.width), -math.inf, dtype=support.dtype, device=support.device)
-            for _ in range(min(size, self.max_iter - it)):
-                self.ran += 1
+            count = min(size, self.max_iter - it)
+            self.ran += count
+            for _ in range(count):
                 x_new, margin = project(gradient_step(y))
                 mapping = x_new - y  # the gradient mapping over -L
                 moved = x_new - x
