@@ -4,6 +4,8 @@
 #   1. benchmarks/step_overhead.py --profile, one backbone at a time (3x32x32: conv4, resnet18, resnet_tiny;
 #      then 1x28x28: conv4): step time over the bare step, aten ops, host syncs and peak memory per head
 #      (docs/performance.md);
+#   1b. the same rows' throughput: step_overhead.py --chain $CHAIN, steps back to back as a training loop runs
+#      them (part 1 times each step to completion; THROUGHPUT_S > 0);
 #   2. benchmarks/linalg_solve.py: the ridge head's two solves, five ways (LINALG_S > 0);
 #   3. benchmarks/compile_speed.py: train.compile=true against eager, images/s and compile time (COMPILE_S > 0);
 #   4. benchmarks/claims.py at 600 steps x 3 seeds, several runs at a time on the one GPU (docs/results.md;
@@ -13,7 +15,8 @@
 #
 # Environment: OUT (results), RUNS (the claims' run folders, $OUT/claims), DATA (the Omniglot root), DEVICE (cuda),
 # BACKBONES (part 1, 3x32x32), JOBS (claims runs at a time), STEPS, SEEDS, ROUNDS (timed steps per row),
-# OVERHEAD_S / LINALG_S / COMPILE_S / CLAIMS_S (time limits of the parts, seconds; 0 skips a part).
+# CHAIN (steps per timing in part 1b), OVERHEAD_S / THROUGHPUT_S / LINALG_S / COMPILE_S / CLAIMS_S (time limits
+# of the parts, seconds; 0 skips a part).
 set -u
 OUT=${OUT:-runs/gpu}
 RUNS=${RUNS:-$OUT/claims}
@@ -24,6 +27,8 @@ JOBS=${JOBS:-8}
 STEPS=${STEPS:-600}
 SEEDS=${SEEDS:-0 1 2}
 OVERHEAD_S=${OVERHEAD_S:-300}
+THROUGHPUT_S=${THROUGHPUT_S:-120}
+CHAIN=${CHAIN:-20}
 LINALG_S=${LINALG_S:-60}
 COMPILE_S=${COMPILE_S:-200}
 CLAIMS_S=${CLAIMS_S:-300}
@@ -34,19 +39,26 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
-overhead() {  # name, then step_overhead.py's arguments; within part 1's time left
+overhead() {  # name, then step_overhead.py's arguments; within the part's time left
     local name=$1 left=$((end - SECONDS))
     shift
     [ "$left" -gt 10 ] || { echo "skipped (time): $name"; return; }
-    timeout "$left" python3 benchmarks/step_overhead.py --device "$DEVICE" --profile --rounds "$ROUNDS" "$@" \
-        --json "$OUT/overhead_$name.json"
+    timeout "$left" python3 benchmarks/step_overhead.py --device "$DEVICE" "$@" --json "$OUT/overhead_$name.json"
 }
 if [ "$OVERHEAD_S" -gt 0 ]; then
     end=$((SECONDS + OVERHEAD_S))
     for bb in $BACKBONES; do
-        overhead "3x32_$bb" --backbones "$bb"
+        overhead "3x32_$bb" --profile --rounds "$ROUNDS" --backbones "$bb"
     done
-    overhead 1x28_conv4 --backbones conv4 --size 28 --channels 1
+    overhead 1x28_conv4 --profile --rounds "$ROUNDS" --backbones conv4 --size 28 --channels 1
+fi
+
+if [ "$THROUGHPUT_S" -gt 0 ]; then
+    end=$((SECONDS + THROUGHPUT_S))
+    for bb in $BACKBONES; do  # the SVM head reads the host once a step: chaining cannot hide its launches
+        overhead "3x32_${bb}_chain$CHAIN" --chain "$CHAIN" --rounds 10 --heads contrastive protonet r2d2 \
+            --backbones "$bb"
+    done
 fi
 
 if [ "$LINALG_S" -gt 0 ]; then

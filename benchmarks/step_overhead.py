@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py                          # conv4, resnet_tiny; 3x32x32, batch 256, 2 views
     python benchmarks/step_overhead.py --size 28 --channels 1   # Omniglot-sized inputs
     python benchmarks/step_overhead.py --heads contrastive r2d2 --rounds 50
+    python benchmarks/step_overhead.py --device cuda --chain 20 --rounds 10     # throughput, not latency
     python benchmarks/step_overhead.py --profile --json docs/overhead/cpu_3x32.json   # + ops, syncs, memory
 
 *Head step*: :meth:`episodic.engine.Trainer.train_step` on views that are already augmented
@@ -13,6 +14,9 @@ dot-product loss ``-mean(z1 . z2)`` between the two views' projections, and the 
 no head, no episode. Both run interleaved (bare, then every head, per round), so a load change on a
 shared machine hits them alike; the figure is the ratio of the medians over ``--rounds`` rounds (the
 median of the per-round ratios is printed too). Target: <= 1.05 for contrastive, ProtoNet and R2D2.
+On a GPU a round times each step to completion (its latency: the host's work before the first kernel is
+not hidden); ``--chain N`` times N steps back to back instead, as a training loop runs them (the host
+queues a step while the GPU runs the previous one): the throughput a run sees.
 
 ``--profile``: one more step of each (after the timed rounds) under :func:`episodic.profiling.profile_step`:
 launch-level ATen operators per step (``ops``, and by name those beyond the bare step's, ``extra_ops``;
@@ -70,28 +74,39 @@ def make_trainer(
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter, sync: bool = False) -> float:
-    """Seconds of one call of ``fn``; ``sync``: wait for the GPU's queued work before reading the clock."""
+def timed(
+    fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter, sync: bool = False, chain: int = 1
+) -> float:
+    """Seconds per call of ``fn`` over ``chain`` calls back to back; ``sync``: wait for the GPU's queued work
+    before reading the clock (so ``chain=1`` times one step to completion, and a longer chain lets the host
+    queue the next step while the GPU runs this one, as a training loop does)."""
     if sync:
         torch.cuda.synchronize()
     t0 = clock()
-    fn()
+    for _ in range(chain):
+        fn()
     if sync:
         torch.cuda.synchronize()
-    return clock() - t0
+    return (clock() - t0) / chain
 
 
 def interleaved(
-    steps: dict[str, Callable[[], Any]], warmup: int, rounds: int, clock: Callable[[], float], sync: bool
+    steps: dict[str, Callable[[], Any]],
+    warmup: int,
+    rounds: int,
+    clock: Callable[[], float],
+    sync: bool,
+    chain: int = 1,
 ) -> dict[str, list[float]]:
-    """``warmup`` untimed rounds, then ``rounds`` timed ones; each round calls every step once, in order."""
+    """``warmup`` untimed rounds, then ``rounds`` timed ones; each round times ``chain`` calls of every step,
+    one step after the other."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for k, fn in steps.items():
-            times[k].append(timed(fn, clock, sync))
+            times[k].append(timed(fn, clock, sync, chain))
     return times
 
 
@@ -117,7 +132,7 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
         views = in_layout(views, first.channels_last)
         bare = bare_step_fn(first, views)
         steps = {"bare": bare, **{h: (lambda t=t: t.train_step(views)) for h, t in trainers.items()}}
-        times = interleaved(steps, args.warmup, args.rounds, CLOCKS[args.clock], sync)
+        times = interleaved(steps, args.warmup, args.rounds, CLOCKS[args.clock], sync, args.chain)
         profiles = {k: profile_step(fn, args.device) for k, fn in steps.items()} if args.profile else {}
         solver_iters = {
             h: t.model.head.solver.last_iters for h, t in trainers.items() if hasattr(t.model.head, "solver")
@@ -136,6 +151,7 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
                 "clock": args.clock,
                 "input": f"{args.channels}x{args.size}x{args.size}",
                 "rounds": args.rounds,
+                "chain": args.chain,
                 "bare_ms": 1000 * bare_med,
                 "step_ms": 1000 * statistics.median(times[h]),
                 "ratio": statistics.median(times[h]) / bare_med,
@@ -184,8 +200,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, steady on a "
         "machine shared with other jobs)",
     )
+    ap.add_argument(
+        "--chain",
+        type=int,
+        default=1,
+        help="steps per timing, back to back (1: each step to completion, its latency; more: the throughput of a "
+        "loop that queues the next step on the GPU while this one runs; the same on a CPU)",
+    )
     ap.add_argument("--profile", action="store_true", help="also count ops, host syncs and peak memory per step")
     args = ap.parse_args(argv)
+    if args.chain < 1:
+        ap.error(f"--chain {args.chain} is not allowed; use an integer >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     from episodic.cli import group_options
@@ -198,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"{args.device}, batch {args.batch}, 2 views, input {args.channels}x{args.size}x{args.size}, "
         f"{args.clock} clock, torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds (median)"
+        f"{f' of {args.chain} steps back to back' if args.chain > 1 else ''}"
     )
     print(f"{'backbone':<12} {'head':<12} {'bare ms':>9} {'step ms':>9} {'ratio':>7} {'per-round':>9}")
     for r in rows:

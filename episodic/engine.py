@@ -547,6 +547,7 @@ class Trainer:
                     "images_per_s": seen / max(dt, 1e-9),
                     "data_wait": wait / max(dt, 1e-9),  # share of the time spent waiting for batches
                     "skipped": self.guard.skipped - skipped_before,  # non-finite steps skipped since the last
+                    **self.model.head.diagnostics(),  # the last step's, on this process (the SVM's solver)
                 }
                 self.history.append(rec)
                 for k, v in rec.items():

@@ -412,6 +412,39 @@ def test_step_overhead_benchmark_runs_and_reports_ratios(tmp_path: Path) -> None
     ]
     for r in rows:
         assert r["bare_ms"] > 0 and r["step_ms"] > 0 and r["ratio"] == pytest.approx(r["step_ms"] / r["bare_ms"])
+        assert r["chain"] == 1
+
+
+def test_svm_solver_cost_benchmark_reports_each_step_and_profiles_some(tmp_path: Path) -> None:
+    """benchmarks/svm_solver_cost.py on a tiny encoder: the solver's figures per window, profiled steps whose
+    operators the iterations account for, one host read each."""
+    import svm_solver_cost
+
+    out = tmp_path / "rows.json"
+    svm_solver_cost.main(
+        ["--steps", "4", "--window", "2", "--profile-every", "2", "--batch", "16", "--threads", "1"]
+        + ["--json", str(out), "backbone.params.width=8", "backbone.projector.hidden_dim=16"]
+    )
+    (res,) = json.loads(out.read_text())
+    assert res["backbone"] == "conv4" and [w["steps"] for w in res["windows"]] == ["1-2", "3-4"]
+    assert [p["step"] for p in res["profiles"]] == [2, 4]
+    for p, w in zip(res["profiles"], res["windows"]):
+        assert p["syncs"] == 1 and p["solver_ran"] >= p["solver_iters"] > 0
+        assert p["bare_ops"] < p["ops"] <= p["bare_ops"] + 15 * p["solver_ran"] + 17 * p["solver_cg_iters"] + 500
+        assert w["solver_ran_max"] >= w["solver_ran_median"] >= w["solver_iters_median"]
+        assert w["solver_ran_max"] >= p["solver_ran"]  # the profiled step is the window's last
+
+
+def test_step_overhead_chain_times_steps_back_to_back() -> None:
+    """``--chain N``: each round calls every step N times in a row and records the time per call."""
+    import step_overhead
+
+    calls: list[str] = []
+    clock = iter(range(0, 1000, 6)).__next__  # 6 "seconds" from each reading of the clock to the next
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = step_overhead.interleaved(steps, warmup=1, rounds=2, clock=clock, sync=False, chain=3)
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert times == {"a": [2.0, 2.0], "b": [2.0, 2.0]}  # 6 seconds over 3 calls
 
 
 def test_claims_report_pairs_each_arm_with_its_baseline(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from episodic.solvers import kkt_residual, project_rows
 from episodic.solvers.base import simplex_rows
 from episodic.solvers.fast import FastSolver
 from episodic.tasks import ViewSampler
-from helpers import make_cfg
+from helpers import TINY, make_cfg
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"),
@@ -218,6 +221,26 @@ def test_solver_launches_few_operators_per_iteration() -> None:
     solver = head.solver
     assert solver.ran >= 60 and solver.cg_iters >= 60 and prof.n_syncs == 1
     assert prof.n_ops <= 15 * solver.ran + 17 * solver.cg_iters + 500, (prof.n_ops, solver.ran, solver.cg_iters)
+
+
+def test_training_logs_the_solvers_iterations(tmp_path: Path) -> None:
+    """Every ``train.log_every`` steps, history.jsonl and TensorBoard get the last step's solver figures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from episodic.engine import Trainer
+
+    trainer = Trainer(make_cfg(*TINY, "head=svm", "train.steps=4", "train.log_every=2"), tmp_path)
+    trainer.fit()
+    solver = trainer.model.head.solver
+    last = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4 and last["solver_iters"] == solver.last_iters > 0
+    assert last["solver_ran"] >= last["solver_iters"] and last["solver_reads"] >= 1
+    # the backward ran the CG iterations CG's bound gives for the logged condition number
+    bound = int(0.5 * math.sqrt(last["solver_condition"]) * math.log(2 / solver.cg_tol)) + 10
+    assert last["solver_condition"] >= 1 and last["solver_cg_iters"] == min(solver.cg_max_iter, bound)
+    tb = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in tb.Scalars("train/solver_iters")] == [2, 4]
+    assert tb.Scalars("train/solver_cg_iters")[-1].value == last["solver_cg_iters"]
 
 
 def test_config_builds_the_head_and_forward_trains_the_scale() -> None:

@@ -266,6 +266,11 @@ class Head(nn.Module):
             "queue_size=0 or a head that can (contrastive, protonet, r2d2)",
         )
 
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers about the last forward that the host already holds (no device read), logged with the
+        loss every ``train.log_every`` steps; a solver's iterations, say. Empty by default."""
+        return {}
+
     # ------------------------------------------------------------- contract
     def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, n_way: int) -> Tensor:
         raise NotImplementedError

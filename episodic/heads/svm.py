@@ -69,5 +69,8 @@ class SVMHead(Head):
         alpha = self.solver(support, support_labels, n_way)  # [E, n, n_way]
         return self.scale((query @ support.transpose(1, 2)) @ alpha)
 
+    def diagnostics(self) -> dict[str, float]:
+        return self.solver.diagnostics()
+
     def extra_repr(self) -> str:
         return f"C={self.solver.C}, backend={self.backend}, normalize={self.normalize}"

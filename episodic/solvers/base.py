@@ -184,6 +184,11 @@ class QPSolver:
     def solve(self, support: Tensor, onehot: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def diagnostics(self) -> dict[str, float]:
+        """What the last solve cost, as numbers the host already holds (logged every ``train.log_every``
+        steps); empty for a backend that does not report."""
+        return {}
+
     def describe(self, support: Tensor, n_way: int) -> str:
         """``'2 episodes of 16-way x 1-shot (256 dual variables each), backend=fast'``."""
         e, n = support.shape[:2]

@@ -156,6 +156,17 @@ class FastSolver(QPSolver):
         """Forget the warm-start solution."""
         self._last = None
 
+    def diagnostics(self) -> dict[str, float]:
+        """The last solve's FISTA iterations (needed by its slowest episode, and run), its host reads, the
+        backward's condition bound and the CG iterations that bound gave its backward."""
+        return {
+            "solver_iters": self.last_iters,
+            "solver_ran": self.ran,
+            "solver_reads": self.rounds,
+            "solver_condition": self.condition,
+            "solver_cg_iters": self.cg_iters,
+        }
+
     def solve(self, support: Tensor, onehot: Tensor) -> Tensor:
         alpha = _CSDualFunction.apply(support.double(), onehot.double(), self)
         return alpha.to(support.dtype)
