@@ -42,13 +42,14 @@ def project_rows(v: Tensor, upper: Tensor, C: float, width: int | None = None) -
     simplex ``{beta >= 0, sum(beta) = C}``: ``a = upper - simplex_rows(upper - v, C)``. ``width``: see
     :func:`simplex_rows`.
     """
-    return upper - simplex_rows(upper - v, C, width)[0]
+    return upper - SimplexRows(v.shape[-1], C, width, v.dtype, v.device)(upper - v)[0]
 
 
 def simplex_rows(w: Tensor, C: float, width: int | None = None) -> tuple[Tensor, Tensor]:
-    """Euclidean projection of every row of ``w [..., k]`` onto ``{beta >= 0, sum(beta) = C}``: see
-    :class:`SimplexRows`."""
-    return SimplexRows(w.shape[-1], C, width, w.dtype, w.device)(w)
+    """Euclidean projection of every row of ``w [..., k]`` onto ``{beta >= 0, sum(beta) = C}``, and ``u - theta``
+    for the sorted entries ``u`` (positive on each row's support): see :class:`SimplexRows`."""
+    beta, top, theta = SimplexRows(w.shape[-1], C, width, w.dtype, w.device)(w)
+    return beta, top - theta
 
 
 class SimplexRows:
@@ -64,10 +65,10 @@ class SimplexRows:
 
     ``width``: sort only the ``width`` largest entries of each row (``topk``: a few entries of each row
     are in the support at the dual's solution). Exact for every row whose support is shorter than
-    ``width``; ``width=None`` (or ``>= k``): the full sort, always exact. A call returns ``beta`` and
-    ``u - theta`` for the sorted entries ``[..., width]``: positive on each row's support, so a positive
-    last entry with ``width < k`` means the support may be longer and the projection must be repeated
-    wider.
+    ``width``; ``width=None`` (or ``>= k``): the full sort, always exact. A call returns ``beta``, the
+    sorted entries ``u [..., width]`` and ``theta [..., 1]``: ``u - theta`` is positive on each row's
+    support, so a positive last entry with ``width < k`` means the support may be longer and the
+    projection must be repeated wider (left to the caller: a solver checks it only now and then).
     """
 
     def __init__(self, k: int, C: float, width: int | None, dtype: torch.dtype, device: torch.device) -> None:
@@ -76,10 +77,10 @@ class SimplexRows:
         self.inv_ranks = 1 / torch.arange(1, self.width + 1, dtype=dtype, device=device)
         self.offsets = -C * self.inv_ranks  # t_j = S_j / j - C / j
 
-    def __call__(self, w: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         u = w.sort(-1, descending=True).values if self.full else w.topk(self.width, -1).values
         theta = torch.addcmul(self.offsets, u.cumsum(-1), self.inv_ranks).amax(-1, keepdim=True)
-        return (w - theta).clamp_min(0), u - theta
+        return (w - theta).clamp_min(0), u, theta
 
 
 def kernel_matvec(support: Tensor, kernel: Tensor | None, v: Tensor) -> Tensor:

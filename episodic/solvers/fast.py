@@ -20,7 +20,7 @@ generic ``nk x nk`` KKT factorisation:
 * **Solver.** FISTA for a 1-strongly convex objective: step ``1 / L``, constant momentum
   ``(sqrt(L) - 1) / (sqrt(L) + 1)``, gradient-based adaptive restart. It converges linearly with
   rate ``1 - 1 / sqrt(L)``: about 30 iterations on spread-out 256-way episodes, a few hundred when
-  the embeddings have collapsed to one direction (``L ~ n``). An iteration is about 14 operators (the
+  the embeddings have collapsed to one direction (``L ~ n``). An iteration is about 13 operators (the
   step, the projection, the momentum), which is what a GPU pays for: they are launched one by one.
 * **Warm start.** The previous call's solution, when the labels (hence the constraints) are the
   same, competes with a cold start (the exact solution for a diagonal kernel); the one with the
@@ -51,7 +51,7 @@ generic ``nk x nk`` KKT factorisation:
   most ``1 + max_c ||K[F_c, F_c]||_F``, and at most ``L``: below ``L`` when each class has few free
   rows. Converged episodes stop changing, and an episode still above ``cg_tol`` after it (only
   possible through rounding) gets a NaN gradient, which the non-finite guard reports: no host read in
-  the backward. A zero (or negligible) projected gradient has the adjoint 0. A CG iteration is about 16
+  the backward. A zero (or negligible) projected gradient has the adjoint 0. A CG iteration is about 15
   operators.
 """
 
@@ -208,7 +208,7 @@ class FastSolver(QPSolver):
             count = min(size, self.max_iter - it)
             self.ran += count
             for _ in range(count):
-                x_new, margin = project(gradient_step(y))
+                x_new, top, theta = project(gradient_step(y))
                 mapping = x_new - y  # the gradient mapping over -L
                 moved = x_new - x
                 it += 1
@@ -216,7 +216,8 @@ class FastSolver(QPSolver):
                     # the projections the stopping test uses must be exact (a support shorter than width);
                     # one in between that is not only slows FISTA down: the certificate
                     # ||y - alpha*|| <= 2 ||G(y)|| holds for any y, feasible or not
-                    reach = torch.maximum(reach, margin)  # positive where a row's support reached (a prefix)
+                    # positive where a row's support reached (a prefix of the sorted entries)
+                    reach = torch.maximum(reach, top - theta)
                     # an episode stops at tol, or at a NaN residual (NaN input: NaN for the guard)
                     now = mapping.flatten(1).norm(dim=1) * to_residual
                     stop = ~((now > self.tol) | done)
@@ -293,11 +294,12 @@ class FastSolver(QPSolver):
         target = torch.where(negligible, math.inf, rs * self.cg_tol**2)
         w = torch.zeros_like(b)
         r, p = b, b
-        tiny = torch.finfo(rs.dtype).tiny
+        tiny, zero = torch.finfo(rs.dtype).tiny, torch.zeros((), dtype=rs.dtype, device=rs.device)
         for _ in range(iters):
-            # a converged episode takes zero steps: w and r stay, and p (unused from then on) drifts
+            # a converged episode takes zero steps: w and r stay, and p (unused from then on) drifts, finite:
+            # it grows by r each iteration (a zero r gives p = 0, whose 0 / 0 the where drops)
             ap = proj(apply(p))
-            a = rs / _dot(p, ap).clamp_min(tiny) * (rs > target)
+            a = torch.where(rs > target, rs / _dot(p, ap), zero)
             w = torch.addcmul(w, a, p)
             r = torch.addcmul(r, a, ap, value=-1)
             rs, rs_old = _dot(r, r), rs
