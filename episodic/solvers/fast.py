@@ -18,10 +18,13 @@ generic ``nk x nk`` KKT factorisation:
   on the device, and when it reached ``width`` the round's host read repeats the round with twice the
   width; the next solve sorts this one's longest support plus a margin.
 * **Solver.** FISTA for a 1-strongly convex objective: step ``1 / L``, constant momentum
-  ``(sqrt(L) - 1) / (sqrt(L) + 1)``, gradient-based adaptive restart. It converges linearly with
-  rate ``1 - 1 / sqrt(L)``: about 30 iterations on spread-out 256-way episodes, a few hundred when
-  the embeddings have collapsed to one direction (``L ~ n``). An iteration is about 13 operators (the
-  step, the projection, the momentum), which is what a GPU pays for: they are launched one by one.
+  ``(sqrt(L) - 1) / (sqrt(L) + 1)``, gradient-based adaptive restart, tested with the stopping test
+  (``restart_every``): with this momentum it fires once or never in a solve, early, so testing it every
+  iteration saves no iterations (``tests/test_svm_head.py``). It converges linearly with rate
+  ``1 - 1 / sqrt(L)``: about 30 iterations on spread-out 256-way episodes, a few hundred when the
+  embeddings have collapsed to one direction (``L ~ n``). An iteration is 9 operators (the step, the
+  projection, the momentum), plus about 15 at each stopping test: what a GPU pays for, as they are
+  launched one by one.
 * **Warm start.** The previous call's solution, when the labels (hence the constraints) are the
   same, competes with a cold start (the exact solution for a diagonal kernel); the one with the
   lower objective is used, so warm start never slows a solve down. Both tests run on the device.
@@ -126,6 +129,8 @@ class FastSolver(QPSolver):
     checks_itself = True
     #: iterations between two stopping tests (on the device; each is about ten operators)
     check_every = 8
+    #: iterations between two restart tests (each needs the gradient mapping, which the stopping test computes)
+    restart_every = 8
 
     def __init__(
         self,
@@ -208,16 +213,22 @@ class FastSolver(QPSolver):
             count = min(size, self.max_iter - it)
             self.ran += count
             for _ in range(count):
-                x_new, top, theta = project(gradient_step(y))
-                mapping = x_new - y  # the gradient mapping over -L
+                x_new, largest, theta = project(gradient_step(y))
                 moved = x_new - x
                 it += 1
-                if it % every == 0 or it == self.max_iter:
+                gain = momentum
+                check = it % every == 0 or it == self.max_iter
+                if check or it % self.restart_every == 0:
+                    mapping = x_new - y  # the gradient mapping over -L
+                    # O'Donoghue-Candes restart: drop the momentum when it points uphill, <G, x_new - x> > 0
+                    # in alpha; with the strongly convex momentum it fires once or never in a solve
+                    gain = momentum * (_dot(mapping, moved) >= 0)
+                if check:
                     # the projections the stopping test uses must be exact (a support shorter than width);
                     # one in between that is not only slows FISTA down: the certificate
                     # ||y - alpha*|| <= 2 ||G(y)|| holds for any y, feasible or not
                     # positive where a row's support reached (a prefix of the sorted entries)
-                    reach = torch.maximum(reach, top - theta)
+                    reach = torch.maximum(reach, largest - theta)
                     # an episode stops at tol, or at a NaN residual (NaN input: NaN for the guard)
                     now = mapping.flatten(1).norm(dim=1) * to_residual
                     stop = ~((now > self.tol) | done)
@@ -225,9 +236,7 @@ class FastSolver(QPSolver):
                     residual = torch.where(done, residual, now)
                     needed = torch.where(stop, it, needed)
                     done = done | stop
-                # O'Donoghue-Candes restart: drop the momentum when it points uphill, <G, x_new - x> > 0 in alpha
-                downhill = _dot(mapping, moved) >= 0
-                y = torch.addcmul(x_new, momentum * downhill, moved)
+                y = torch.addcmul(x_new, gain, moved)
                 x = x_new
             longest = (reach > 0).sum(-1).amax()  # the longest support at the round's stopping tests
             # the backward's system lives on the free set F (beta > 0); its largest eigenvalue is at most
