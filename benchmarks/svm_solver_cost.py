@@ -7,8 +7,9 @@ Trains ``head=svm`` (batch 256, one support and one query view per image, the co
 :meth:`episodic.engine.Trainer.train_step` on the loader's batches, and records after every step what the
 fast solver reports (:meth:`episodic.solvers.fast.FastSolver.diagnostics`, host numbers: no device read):
 the FISTA iterations the slowest episode needed and those run, the host reads, and the CG iterations of the
-backward. Every ``--profile-every`` steps one more step is profiled (:func:`episodic.profiling.profile_step`:
-launch-level operators and host synchronisations), with a bare step of the same encoder on its views.
+backward. Every ``--profile-every``-th step is profiled (:func:`episodic.profiling.profile_step`:
+launch-level operators and host synchronisations), with a bare step of the same encoder on its views and the
+device augmentation of the batch alone (part of the trainer's step when the loader hands it uint8 images).
 
 On a GPU a step's time over the bare step's is set by those operators (each is launched from Python); on
 the CPU by the float64 products. ``step_overhead.py`` trains on one fixed batch, on which the encoder
@@ -58,6 +59,7 @@ def run(backbone: str, args: argparse.Namespace) -> dict[str, Any]:
         per_step: list[dict[str, float]] = []
         profiles: list[dict[str, Any]] = []
         bare_ops: int | None = None
+        augment_ops = 0
         t0 = time.perf_counter()
         while trainer.step < args.steps:
             batch = next(batches)
@@ -67,9 +69,12 @@ def run(backbone: str, args: argparse.Namespace) -> dict[str, Any]:
                 p = profile_step(lambda b=batch: trainer.train_step(b), args.device)
                 if bare_ops is None:  # the encoder alone on two views of the batch (its count does not change)
                     x = batch.to(trainer.device)
+                    # the step augments a uint8 batch itself (device augmentation); the bare step gets the views
+                    augment_ops = 0 if x.dim() == 5 else profile_step(lambda: multi_view(trainer.augment, x, 2)).n_ops
                     views = x if x.dim() == 5 else multi_view(trainer.augment, x, 2)
                     bare_ops = profile_step(bare_step_fn(trainer, views), args.device).n_ops
-                row = {"step": trainer.step + 1, "ops": p.n_ops, "bare_ops": bare_ops, "syncs": p.n_syncs}
+                row = {"step": trainer.step + 1, "ops": p.n_ops, "bare_ops": bare_ops, "augment_ops": augment_ops}
+                row["syncs"] = p.n_syncs
                 profiles.append({**row, **head.diagnostics()})
                 print(f"{backbone}: {profiles[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
             trainer.step += 1
@@ -113,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{w['steps']:<10} {cells[0]:>13} {cells[1]:>10} {cells[2]:>11} {cells[3]:>9}")
         for p in res["profiles"]:
             print(
-                f"profiled step {p['step']}: {p['ops']} operators (bare step {p['bare_ops']}), "
+                f"profiled step {p['step']}: {p['ops']} operators (bare step {p['bare_ops']}, "
+                f"augmentation {p['augment_ops']}), "
                 f"{p['syncs']} host reads, FISTA {p['solver_ran']} run, CG {p['solver_cg_iters']}"
             )
     if args.json:
