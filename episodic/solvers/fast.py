@@ -29,9 +29,9 @@ generic ``nk x nk`` KKT factorisation:
   same, competes with a cold start (the exact solution for a diagonal kernel); the one with the
   lower objective is used, so warm start never slows a solve down. Both tests run on the device.
 * **Stopping rule and accuracy.** Every 8th iteration (``check_every``: the test is about ten
-  operators), an episode stops when the RMS gradient mapping per support row is ``<= tol`` (default
-  ``1e-7``); its iterate is kept from then on while the others go on. Strong convexity gives the
-  certificate ``||alpha - alpha*||_F <= 2 sqrt(n) tol``, hence query scores within
+  operators, the restart test five more), an episode stops when the RMS gradient mapping per support
+  row is ``<= tol`` (default ``1e-7``); its iterate is kept from then on while the others go on. Strong
+  convexity gives the certificate ``||alpha - alpha*||_F <= 2 sqrt(n) tol``, hence query scores within
   ``2 sqrt(n) tol ||X q||`` of the exact ones (``<= 2 n tol`` on unit-norm embeddings, ``5e-5`` at
   ``n = 256``; observed errors are 10-100x smaller). Not reaching ``tol`` within ``max_iter``
   iterations raises an :class:`~episodic.errors.EpisodicError`; there is no silent fallback.
