@@ -19,8 +19,9 @@ generic ``nk x nk`` KKT factorisation:
   width; the next solve sorts this one's longest support plus a margin.
 * **Solver.** FISTA for a 1-strongly convex objective: step ``1 / L``, constant momentum
   ``(sqrt(L) - 1) / (sqrt(L) + 1)``, gradient-based adaptive restart, tested with the stopping test
-  (``restart_every``): with this momentum it fires once or never in a solve, early, so testing it every
-  iteration saves no iterations (``tests/test_svm_head.py``). It converges linearly with rate
+  (``restart_every``): on unit-norm embeddings (the head's default) it fires once or never in a solve,
+  early, and testing it every iteration saves no iterations; on raw ones it saves up to a fifth, for
+  more operators than it saves (``tests/test_svm_head.py``). It converges linearly with rate
   ``1 - 1 / sqrt(L)``: about 30 iterations on spread-out 256-way episodes, a few hundred when the
   embeddings have collapsed to one direction (``L ~ n``). An iteration is 9 operators (the step, the
   projection, the momentum), plus about 15 at each stopping test: what a GPU pays for, as they are
@@ -29,7 +30,7 @@ generic ``nk x nk`` KKT factorisation:
   same, competes with a cold start (the exact solution for a diagonal kernel); the one with the
   lower objective is used, so warm start never slows a solve down. Both tests run on the device.
 * **Stopping rule and accuracy.** Every 8th iteration (``check_every``: the test is about ten
-  operators, the restart test five more), an episode stops when the RMS gradient mapping per support
+  operators, the restart test four more), an episode stops when the RMS gradient mapping per support
   row is ``<= tol`` (default ``1e-7``); its iterate is kept from then on while the others go on. Strong
   convexity gives the certificate ``||alpha - alpha*||_F <= 2 sqrt(n) tol``, hence query scores within
   ``2 sqrt(n) tol ||X q||`` of the exact ones (``<= 2 n tol`` on unit-norm embeddings, ``5e-5`` at
@@ -221,7 +222,7 @@ class FastSolver(QPSolver):
                 if check or it % self.restart_every == 0:
                     mapping = x_new - y  # the gradient mapping over -L
                     # O'Donoghue-Candes restart: drop the momentum when it points uphill, <G, x_new - x> > 0
-                    # in alpha; with the strongly convex momentum it fires once or never in a solve
+                    # in alpha; with the strongly convex momentum it rarely fires (once or never in a unit-norm solve)
                     gain = momentum * (_dot(mapping, moved) >= 0)
                 if check:
                     # the projections the stopping test uses must be exact (a support shorter than width);
