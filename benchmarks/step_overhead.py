@@ -134,9 +134,7 @@ def measure(backbone: str, heads: Sequence[str], args: argparse.Namespace) -> li
         steps = {"bare": bare, **{h: (lambda t=t: t.train_step(views)) for h, t in trainers.items()}}
         times = interleaved(steps, args.warmup, args.rounds, CLOCKS[args.clock], sync, args.chain)
         profiles = {k: profile_step(fn, args.device) for k, fn in steps.items()} if args.profile else {}
-        solver_iters = {
-            h: t.model.head.solver.last_iters for h, t in trainers.items() if hasattr(t.model.head, "solver")
-        }
+        solver_iters = {h: t.model.head.diagnostics().get("solver_iters") for h, t in trainers.items()}
     bare_med = statistics.median(times["bare"])
     rows = []
     for h in heads:

@@ -68,14 +68,12 @@ def run(backbone: str, args: argparse.Namespace) -> dict[str, Any]:
             else:
                 p = profile_step(lambda b=batch: trainer.train_step(b), args.device)
                 if bare_ops is None:  # the encoder alone on two views of the batch (its count does not change)
-                    x = batch.to(trainer.device)
-                    # the step augments a uint8 batch itself (device augmentation); the bare step gets the views
-                    augment_ops = 0 if x.dim() == 5 else profile_step(lambda: multi_view(trainer.augment, x, 2)).n_ops
-                    views = x if x.dim() == 5 else multi_view(trainer.augment, x, 2)
-                    bare_ops = profile_step(bare_step_fn(trainer, views), args.device).n_ops
+                    views = [batch.to(trainer.device)]
+                    if views[0].dim() == 4:  # uint8 images: the step augments them itself, the bare step gets views
+                        augment_ops = profile_step(lambda: views.append(multi_view(trainer.augment, views[0], 2))).n_ops
+                    bare_ops = profile_step(bare_step_fn(trainer, views[-1]), args.device).n_ops
                 row = {"step": trainer.step + 1, "ops": p.n_ops, "bare_ops": bare_ops, "augment_ops": augment_ops}
-                row["syncs"] = p.n_syncs
-                profiles.append({**row, **head.diagnostics()})
+                profiles.append({**row, "syncs": p.n_syncs, **head.diagnostics()})
                 print(f"{backbone}: {profiles[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
             trainer.step += 1
             per_step.append(head.diagnostics())
